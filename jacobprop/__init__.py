@@ -1,0 +1,75 @@
+"""jacobprop: backpropagation made explicit, with structured per-layer Jacobians.
+
+    import jacobprop as jp
+    net = jp.Sequential(jp.Dense(4, 16, rng=rng), jp.ReLU(), jp.Dense(16, 3, rng=rng))
+    value, grads = net.value_and_grad(x, t, jp.SoftmaxCrossEntropy())
+    J = net.jacobian(x)            # dy/dx as a structured operator, (B, 3, 4)
+    report = jp.gradcheck(net, x, t, jp.SoftmaxCrossEntropy())
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .errors import GradcheckError, ShapeError
+from .jacobian import (
+    DiagonalJacobian,
+    GeneralJacobian,
+    IdentityJacobian,
+    Jacobian,
+    KroneckerJacobian,
+    SharedJacobian,
+    SoftmaxJacobian,
+    as_jacobian,
+)
+from .layers import (
+    LAYERS,
+    Dense,
+    Identity,
+    Layer,
+    LeakyReLU,
+    ReLU,
+    Sigmoid,
+    Softmax,
+    Softplus,
+    Tanh,
+    register_layer,
+)
+from .losses import LOSSES, MSE, RMSE, BinaryCrossEntropy, Loss, SoftmaxCrossEntropy, register_loss
+from .network import Sequential
+
+try:
+    __version__ = version("jacobprop")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "__version__",
+    "ShapeError",
+    "GradcheckError",
+    "Jacobian",
+    "GeneralJacobian",
+    "SharedJacobian",
+    "DiagonalJacobian",
+    "IdentityJacobian",
+    "SoftmaxJacobian",
+    "KroneckerJacobian",
+    "as_jacobian",
+    "Layer",
+    "LAYERS",
+    "register_layer",
+    "Dense",
+    "Identity",
+    "ReLU",
+    "LeakyReLU",
+    "Sigmoid",
+    "Tanh",
+    "Softplus",
+    "Softmax",
+    "Loss",
+    "LOSSES",
+    "register_loss",
+    "MSE",
+    "RMSE",
+    "SoftmaxCrossEntropy",
+    "BinaryCrossEntropy",
+    "Sequential",
+]

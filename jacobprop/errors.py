@@ -1,0 +1,77 @@
+"""Exceptions raised by jacobprop, and the shared input checks that raise them.
+
+Every message names where the problem is (layer or loss), the argument, what was
+expected and what came, so the same check reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["ShapeError", "GradcheckError"]
+
+
+class ShapeError(ValueError):
+    """An array has the wrong number of dimensions or the wrong size along one."""
+
+
+class GradcheckError(AssertionError):
+    """A derivative disagrees with finite differences (raised only on request)."""
+
+
+_REJECTED_KINDS = {
+    "b": "boolean",
+    "c": "complex",
+    "O": "object",
+    "U": "string",
+    "S": "bytes",
+    "V": "structured",
+    "M": "datetime",
+    "m": "timedelta",
+}
+
+
+def as_float_array(value, *, where: str, name: str, dtype=np.float64) -> np.ndarray:
+    """Return `value` as a floating ndarray; integers are promoted to `dtype`.
+
+    Boolean, complex, object and other non-numeric arrays raise TypeError: a
+    derivative of those is never what the caller meant.
+    """
+    array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    kind = array.dtype.kind
+    if kind == "f":
+        return array
+    if kind in "iu":
+        return array.astype(dtype)
+    described = _REJECTED_KINDS.get(kind, str(array.dtype))
+    raise TypeError(
+        f"{where}: `{name}` must be a real floating (or integer) array, "
+        f"got dtype {array.dtype} ({described})"
+    )
+
+
+def check_batch_matrix(
+    value, *, where: str, name: str, features: int | None = None, dtype=np.float64
+) -> np.ndarray:
+    """Validate a batch-first 2-D float array `(B, features)` and return it."""
+    array = as_float_array(value, where=where, name=name, dtype=dtype)
+    if array.ndim != 2:
+        hint = ""
+        if array.ndim == 1:
+            hint = "; for one sample pass x[None, :], for a batch of scalars x[:, None]"
+        expected = "(B, features)" if features is None else f"(B, {features})"
+        raise ShapeError(
+            f"{where}: `{name}` must be 2-D with shape {expected}, "
+            f"got {array.ndim}-D shape {array.shape}{hint}"
+        )
+    if features is not None and array.shape[1] != features:
+        raise ShapeError(
+            f"{where}: `{name}` must have shape (B, {features}), got {array.shape}"
+        )
+    return array
+
+
+def check_shape(array: np.ndarray, expected: tuple, *, where: str, name: str) -> None:
+    """Raise ShapeError unless `array.shape == expected`."""
+    if array.shape != expected:
+        raise ShapeError(f"{where}: `{name}` must have shape {expected}, got {array.shape}")

@@ -1,0 +1,809 @@
+"""Structured batched Jacobian operators and their algebra.
+
+A `Jacobian` stands for B blocks of shape `(m, n)`, one per sample (numerator
+layout: row = output, column = input), so its `shape` is `(B, m, n)`. The
+blocks are never formed unless asked for with `to_dense()`: each class stores
+only what its structure needs, and `@` between two operators returns the
+cheapest structured result it can.
+
+| class                | per-sample block            | stored as                   |
+|----------------------|-----------------------------|-----------------------------|
+| `GeneralJacobian`    | anything                    | `(B, m, n)`                 |
+| `SharedJacobian`     | the same `M` for every i    | `(m, n)` once               |
+| `DiagonalJacobian`   | `diag(d_i)`                 | `(B, n)`                    |
+| `IdentityJacobian`   | `I_n`                       | the size only               |
+| `SoftmaxJacobian`    | `diag(s_i) - s_i s_i^T`     | `(B, n)`                    |
+| `KroneckerJacobian`  | `L_i (kron) x_i^T`          | a Jacobian `L` and `(B, q)` |
+
+The Dense weight Jacobian `dy_i/dvec(W) = I_out (kron) x_i^T` is a
+`KroneckerJacobian` with `L = I`; a row of covectors times it stays Kronecker,
+which is why the explicit backward mode gets `dL/dW = G^T X` in one matmul.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sparse
+from scipy.sparse.linalg import LinearOperator
+
+from .errors import ShapeError
+
+__all__ = [
+    "Jacobian",
+    "GeneralJacobian",
+    "SharedJacobian",
+    "DiagonalJacobian",
+    "IdentityJacobian",
+    "SoftmaxJacobian",
+    "KroneckerJacobian",
+    "as_jacobian",
+    "multiply_chain",
+    "chain_cost",
+]
+
+
+class Jacobian:
+    """B per-sample Jacobian blocks of shape `(m, n)`, kept in structured form.
+
+    Subclasses set `shape` and `dtype` and implement the private `_vjp`,
+    `_jvp`, `_to_dense`, `_transpose`, `_apply`, `_rapply` and `_take`; the
+    public methods here validate once and delegate (scipy's `matvec` ->
+    `_matvec` pattern).
+    """
+
+    # Necessary for `ndarray @ Jacobian` to reach `__rmatmul__`.
+    __array_ufunc__ = None
+    kind = "abstract"
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+
+    # ---- sizes -------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.shape[0]
+
+    @property
+    def out_dim(self) -> int:
+        return self.shape[1]
+
+    @property
+    def in_dim(self) -> int:
+        return self.shape[2]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={np.dtype(self.dtype).name})"
+
+    # ---- products with vectors ---------------------------------------------
+    def vjp(self, g) -> np.ndarray:
+        """Row-vector products `g_i @ J_i`: `g` is `(B, m)`, the result `(B, n)`."""
+        return self._vjp(self._check_vectors(g, self.out_dim, "g", "vjp"))
+
+    def jvp(self, v) -> np.ndarray:
+        """Column-vector products `J_i @ v_i`: `v` is `(B, n)`, the result `(B, m)`."""
+        return self._jvp(self._check_vectors(v, self.in_dim, "v", "jvp"))
+
+    def sum_vjp(self, g) -> np.ndarray:
+        """`sum_i g_i @ J_i`, shape `(n,)`: how a parameter gradient sums over samples."""
+        return self._sum_vjp(self._check_vectors(g, self.out_dim, "g", "sum_vjp"))
+
+    def batch_sum(self) -> np.ndarray:
+        """`sum_i J_i` as a dense `(m, n)` array."""
+        return self._batch_sum()
+
+    def to_dense(self) -> np.ndarray:
+        """Materialize every block: a new `(B, m, n)` array."""
+        return self._to_dense()
+
+    @property
+    def T(self) -> Jacobian:  # noqa: N802 (numpy's spelling)
+        """The per-sample transposes, `(B, n, m)`, as an operator."""
+        return self._transpose()
+
+    def __getitem__(self, index) -> Jacobian:
+        """The sub-batch `index` (an int, slice or index array) as an operator."""
+        if isinstance(index, (int, np.integer)):
+            if not -self.batch_size <= index < self.batch_size:
+                raise IndexError(
+                    f"{type(self).__name__}: sample index {index} is out of range "
+                    f"for batch size {self.batch_size}"
+                )
+            index = slice(index, index + 1 if index != -1 else None)
+        return self._take(index)
+
+    # ---- composition -------------------------------------------------------
+    def __matmul__(self, other) -> Jacobian:
+        if not isinstance(other, Jacobian):
+            other = as_jacobian(other, batch_size=self.batch_size)
+        _check_composable(self, other)
+        return _compose(self, other)
+
+    def __rmatmul__(self, other) -> Jacobian:
+        left = as_jacobian(other, batch_size=self.batch_size)
+        _check_composable(left, self)
+        return _compose(left, self)
+
+    def __add__(self, other) -> Jacobian:
+        if not isinstance(other, Jacobian):
+            other = as_jacobian(other, batch_size=self.batch_size)
+        if other.shape != self.shape:
+            raise ShapeError(
+                f"Jacobian +: shapes must match, got {self.shape} and {other.shape}"
+            )
+        result = self._add(other)
+        if result is NotImplemented:
+            result = other._add(self)
+        if result is NotImplemented:
+            result = GeneralJacobian(self._to_dense() + other._to_dense())
+        return result
+
+    __radd__ = __add__
+
+    def __neg__(self) -> Jacobian:
+        return self._scale(-1.0)
+
+    def __mul__(self, scalar) -> Jacobian:
+        if not np.isscalar(scalar):
+            return NotImplemented
+        return self._scale(scalar)
+
+    __rmul__ = __mul__
+
+    # ---- scipy views -------------------------------------------------------
+    def to_scipy(self, sample: int | None = None) -> LinearOperator:
+        """A `scipy.sparse.linalg.LinearOperator` view that never forms the blocks.
+
+        With `sample=i` it is the `(m, n)` block of sample i; with `sample=None`
+        the whole batch as one block-diagonal operator of shape `(B*m, B*n)`
+        acting on C-order flattened `(B, n)` arrays.
+        """
+        op = self if sample is None else self[sample]
+        batch, m, n = op.shape
+
+        def matvec(v):
+            return op._jvp(np.reshape(v, (batch, n))).reshape(-1)
+
+        def rmatvec(u):
+            # LinearOperator's adjoint conjugates; the blocks are real.
+            return op._vjp(np.reshape(u, (batch, m))).reshape(-1)
+
+        return LinearOperator(
+            (batch * m, batch * n), matvec=matvec, rmatvec=rmatvec, dtype=op.dtype
+        )
+
+    def to_sparse(self) -> sparse.csr_array:
+        """The block-diagonal `(B*m, B*n)` matrix as a `scipy.sparse.csr_array`."""
+        return _blocks_to_sparse(self._to_dense())
+
+    # ---- defaults for subclasses -------------------------------------------
+    def _sum_vjp(self, g: np.ndarray) -> np.ndarray:
+        return self._vjp(g).sum(axis=0)
+
+    def _batch_sum(self) -> np.ndarray:
+        return self._to_dense().sum(axis=0)
+
+    def _apply(self, right: np.ndarray) -> np.ndarray:
+        """`J_i @ R_i` for a dense stack `R` of shape `(B, n, k)` (or `(n, k)`)."""
+        return self._to_dense() @ right
+
+    def _rapply(self, left: np.ndarray) -> np.ndarray:
+        """`L_i @ J_i` for a dense stack `L` of shape `(B, k, m)` (or `(k, m)`)."""
+        return left @ self._to_dense()
+
+    def _matmul(self, other: Jacobian):
+        """A structured `self @ other`, or NotImplemented to let `other` try."""
+        return NotImplemented
+
+    def _rmatmul(self, other: Jacobian):
+        """A structured `other @ self`, or NotImplemented for the generic path."""
+        return NotImplemented
+
+    def _add(self, other: Jacobian):
+        return NotImplemented
+
+    def _scale(self, scalar) -> Jacobian:
+        return GeneralJacobian(scalar * self._to_dense())
+
+    def _check_vectors(self, array, size: int, name: str, method: str) -> np.ndarray:
+        array = array if isinstance(array, np.ndarray) else np.asarray(array)
+        if array.shape != (self.batch_size, size):
+            raise ShapeError(
+                f"{type(self).__name__}.{method}: `{name}` must have shape "
+                f"(B, {'m' if name == 'g' else 'n'}) = {(self.batch_size, size)}, "
+                f"got {array.shape}"
+            )
+        return array
+
+
+# ---------------------------------------------------------------------------
+class GeneralJacobian(Jacobian):
+    """Per-sample blocks with no structure, stored as a `(B, m, n)` array.
+
+    Notes
+    -----
+    `vjp(g)_i = g_i @ data_i` and `jvp(v)_i = data_i @ v_i`; composing with it
+    on either side asks the other operator to act on `data`, so the result
+    costs no more than the other operator's own structure allows.
+    """
+
+    kind = "general"
+
+    def __init__(self, data):
+        data = np.asarray(data)
+        if data.ndim != 3:
+            raise ShapeError(
+                f"GeneralJacobian: `data` must be 3-D (B, m, n), got shape {data.shape}"
+            )
+        self.data = data
+        self.shape = data.shape
+        self.dtype = data.dtype
+
+    def _vjp(self, g):
+        return (g[:, None, :] @ self.data)[:, 0, :]
+
+    def _jvp(self, v):
+        return (self.data @ v[:, :, None])[:, :, 0]
+
+    def _sum_vjp(self, g):
+        # One matmul over the flattened batch instead of B small ones.
+        batch, m, n = self.shape
+        return g.reshape(1, batch * m) @ self.data.reshape(batch * m, n)
+
+    def _batch_sum(self):
+        return self.data.sum(axis=0)
+
+    def _to_dense(self):
+        return self.data.copy()
+
+    def _transpose(self):
+        return GeneralJacobian(self.data.swapaxes(1, 2))
+
+    def _take(self, index):
+        return GeneralJacobian(self.data[index])
+
+    def _apply(self, right):
+        return self.data @ right
+
+    def _rapply(self, left):
+        return left @ self.data
+
+    def _matmul(self, other):
+        return GeneralJacobian(other._rapply(self.data))
+
+    def _rmatmul(self, other):
+        return GeneralJacobian(other._apply(self.data))
+
+    def _add(self, other):
+        return GeneralJacobian(self.data + other._to_dense())
+
+    def _scale(self, scalar):
+        return GeneralJacobian(scalar * self.data)
+
+
+class SharedJacobian(Jacobian):
+    """The same `(m, n)` matrix for every sample (Dense: `dy/dx = W`).
+
+    Notes
+    -----
+    `vjp(g) = g @ M` and `jvp(v) = v @ M^T` are single matmuls over the batch;
+    shared @ shared is shared and costs `m k n`, independent of B.
+    """
+
+    kind = "shared"
+
+    def __init__(self, matrix, batch_size: int):
+        matrix = np.asarray(matrix)
+        if matrix.ndim != 2:
+            raise ShapeError(
+                f"SharedJacobian: `matrix` must be 2-D (m, n), got shape {matrix.shape}"
+            )
+        self.matrix = matrix
+        self.shape = (int(batch_size), *matrix.shape)
+        self.dtype = matrix.dtype
+
+    def _vjp(self, g):
+        return g @ self.matrix
+
+    def _jvp(self, v):
+        return v @ self.matrix.T
+
+    def _sum_vjp(self, g):
+        return g.sum(axis=0) @ self.matrix
+
+    def _batch_sum(self):
+        return self.batch_size * self.matrix
+
+    def _to_dense(self):
+        return np.repeat(self.matrix[None], self.batch_size, axis=0)
+
+    def _transpose(self):
+        return SharedJacobian(self.matrix.T, self.batch_size)
+
+    def _take(self, index):
+        return SharedJacobian(self.matrix, _taken_size(self.batch_size, index))
+
+    def _apply(self, right):
+        return self.matrix @ right
+
+    def _rapply(self, left):
+        return left @ self.matrix
+
+    def _matmul(self, other):
+        if isinstance(other, SharedJacobian):
+            return SharedJacobian(self.matrix @ other.matrix, self.batch_size)
+        if isinstance(other, DiagonalJacobian):
+            # W diag(d_i): scale the columns of W per sample.
+            return GeneralJacobian(self.matrix[None, :, :] * other.diagonal[:, None, :])
+        return NotImplemented
+
+    def _rmatmul(self, other):
+        if isinstance(other, DiagonalJacobian):
+            # diag(d_i) W: scale the rows of W per sample.
+            return GeneralJacobian(other.diagonal[:, :, None] * self.matrix[None, :, :])
+        return NotImplemented
+
+    def _add(self, other):
+        if isinstance(other, SharedJacobian):
+            return SharedJacobian(self.matrix + other.matrix, self.batch_size)
+        return NotImplemented
+
+    def _scale(self, scalar):
+        return SharedJacobian(scalar * self.matrix, self.batch_size)
+
+    def to_sparse(self):
+        return sparse.csr_array(
+            sparse.kron(sparse.identity(self.batch_size, format="csr"), self.matrix)
+        )
+
+
+class DiagonalJacobian(Jacobian):
+    """Per-sample diagonal blocks `diag(d_i)` (elementwise activations).
+
+    Notes
+    -----
+    `vjp(g) = g * d` and `jvp(v) = v * d`; the operator is its own transpose
+    and diagonal @ diagonal multiplies the diagonals.
+    """
+
+    kind = "diagonal"
+
+    def __init__(self, diagonal):
+        diagonal = np.asarray(diagonal)
+        if diagonal.ndim != 2:
+            raise ShapeError(
+                f"DiagonalJacobian: `diagonal` must be 2-D (B, n), got shape {diagonal.shape}"
+            )
+        self.diagonal = diagonal
+        batch, n = diagonal.shape
+        self.shape = (batch, n, n)
+        self.dtype = diagonal.dtype
+
+    def _vjp(self, g):
+        return g * self.diagonal
+
+    _jvp = _vjp
+
+    def _sum_vjp(self, g):
+        return np.einsum("bn,bn->n", g, self.diagonal)
+
+    def _batch_sum(self):
+        return np.diag(self.diagonal.sum(axis=0))
+
+    def _to_dense(self):
+        batch, n, _ = self.shape
+        dense = np.zeros(self.shape, dtype=self.dtype)
+        dense[:, np.arange(n), np.arange(n)] = self.diagonal
+        return dense
+
+    def _transpose(self):
+        return self
+
+    def _take(self, index):
+        return DiagonalJacobian(self.diagonal[index])
+
+    def _apply(self, right):
+        return self.diagonal[:, :, None] * right
+
+    def _rapply(self, left):
+        return left * self.diagonal[:, None, :]
+
+    def _matmul(self, other):
+        if isinstance(other, DiagonalJacobian):
+            return DiagonalJacobian(self.diagonal * other.diagonal)
+        return NotImplemented
+
+    def _add(self, other):
+        if isinstance(other, DiagonalJacobian):
+            return DiagonalJacobian(self.diagonal + other.diagonal)
+        if isinstance(other, IdentityJacobian):
+            return DiagonalJacobian(self.diagonal + 1)
+        return NotImplemented
+
+    def _scale(self, scalar):
+        return DiagonalJacobian(scalar * self.diagonal)
+
+    def to_sparse(self):
+        size = self.diagonal.size
+        return sparse.csr_array(
+            (self.diagonal.reshape(-1), np.arange(size), np.arange(size + 1)), shape=(size, size)
+        )
+
+
+class IdentityJacobian(Jacobian):
+    """Identity blocks `I_n` (bias Jacobian, Identity layer, skip paths); stores no array.
+
+    Notes
+    -----
+    `vjp(g) = g`, `jvp(v) = v`; composing with it returns the other operator.
+    """
+
+    kind = "identity"
+
+    def __init__(self, batch_size: int, size: int, dtype=np.float64):
+        self.shape = (int(batch_size), int(size), int(size))
+        self.dtype = np.dtype(dtype)
+
+    def _vjp(self, g):
+        return g
+
+    _jvp = _vjp
+
+    def _sum_vjp(self, g):
+        return g.sum(axis=0)
+
+    def _batch_sum(self):
+        return self.batch_size * np.eye(self.out_dim, dtype=self.dtype)
+
+    def _to_dense(self):
+        return np.repeat(np.eye(self.out_dim, dtype=self.dtype)[None], self.batch_size, axis=0)
+
+    def _transpose(self):
+        return self
+
+    def _take(self, index):
+        return IdentityJacobian(_taken_size(self.batch_size, index), self.out_dim, self.dtype)
+
+    def _apply(self, right):
+        return right
+
+    def _rapply(self, left):
+        return left
+
+    def _matmul(self, other):
+        return other
+
+    def _rmatmul(self, other):
+        return other
+
+    def _add(self, other):
+        if isinstance(other, IdentityJacobian):
+            return DiagonalJacobian(np.full(self.shape[:2], 2.0, dtype=self.dtype))
+        return NotImplemented
+
+    def _scale(self, scalar):
+        return DiagonalJacobian(np.full(self.shape[:2], scalar, dtype=self.dtype))
+
+    def to_sparse(self):
+        return sparse.csr_array(sparse.identity(self.batch_size * self.out_dim, dtype=self.dtype))
+
+
+class SoftmaxJacobian(Jacobian):
+    """Softmax blocks `diag(s_i) - s_i s_i^T`, stored as the probabilities `s` `(B, n)`.
+
+    Notes
+    -----
+    Symmetric, so `vjp(g)_i = s_i * (g_i - <g_i, s_i>)` is also the jvp; each
+    costs `O(n)` per sample instead of the `O(n^2)` of the dense block.
+    """
+
+    kind = "softmax"
+
+    def __init__(self, probabilities):
+        probabilities = np.asarray(probabilities)
+        if probabilities.ndim != 2:
+            raise ShapeError(
+                "SoftmaxJacobian: `probabilities` must be 2-D (B, n), "
+                f"got shape {probabilities.shape}"
+            )
+        self.probabilities = probabilities
+        batch, n = probabilities.shape
+        self.shape = (batch, n, n)
+        self.dtype = probabilities.dtype
+
+    def _vjp(self, g):
+        return softmax_block_product(self.probabilities, g)
+
+    _jvp = _vjp
+
+    def _to_dense(self):
+        s = self.probabilities
+        dense = -s[:, :, None] * s[:, None, :]
+        n = s.shape[1]
+        dense[:, np.arange(n), np.arange(n)] += s
+        return dense
+
+    def _transpose(self):
+        return self
+
+    def _take(self, index):
+        return SoftmaxJacobian(self.probabilities[index])
+
+    def _apply(self, right):
+        s = self.probabilities
+        if right.ndim == 2:
+            right = right[None]
+        return s[:, :, None] * (right - s[:, None, :] @ right)
+
+    def _rapply(self, left):
+        s = self.probabilities
+        if left.ndim == 2:
+            left = left[None]
+        return (left - left @ s[:, :, None]) * s[:, None, :]
+
+
+class KroneckerJacobian(Jacobian):
+    """Blocks `L_i (kron) x_i^T`: a Jacobian `L` `(B, k, p)` and row vectors `x` `(B, q)`.
+
+    Notes
+    -----
+    The Dense weight Jacobian is `dy_i/dvec(W) = I_out (kron) x_i^T` (C-order
+    `vec`), i.e. `L = I`. The block has shape `(k, p*q)`, and
+    `vjp(g)_i = vec(outer(g_i L_i, x_i))`, `jvp(vec V)_i = L_i V_i x_i`,
+    `sum_vjp(g) = vec((g L)^T X)` -- for `L = I` that is `dL/dW = G^T X`.
+    Left-multiplying keeps the form: `A_i (L_i kron x_i^T) = (A_i L_i) kron x_i^T`.
+    """
+
+    kind = "kronecker"
+
+    def __init__(self, left: Jacobian, x):
+        x = np.asarray(x)
+        if not isinstance(left, Jacobian):
+            raise TypeError(
+                f"KroneckerJacobian: `left` must be a Jacobian, got {type(left).__name__}"
+            )
+        if x.ndim != 2 or x.shape[0] != left.batch_size:
+            raise ShapeError(
+                f"KroneckerJacobian: `x` must have shape ({left.batch_size}, q), got {x.shape}"
+            )
+        self.left = left
+        self.x = x
+        batch, k, p = left.shape
+        self.shape = (batch, k, p * x.shape[1])
+        self.dtype = np.result_type(left.dtype, x.dtype)
+
+    def _vjp(self, g):
+        u = self.left._vjp(g)
+        return (u[:, :, None] * self.x[:, None, :]).reshape(self.batch_size, -1)
+
+    def _jvp(self, v):
+        batch, p, q = self.batch_size, self.left.in_dim, self.x.shape[1]
+        w = (v.reshape(batch, p, q) @ self.x[:, :, None])[:, :, 0]
+        return self.left._jvp(w)
+
+    def _sum_vjp(self, g):
+        return (self.left._vjp(g).T @ self.x).reshape(-1)
+
+    def _batch_sum(self):
+        batch, k, p = self.left.shape
+        if isinstance(self.left, IdentityJacobian):
+            return np.kron(np.eye(p, dtype=self.dtype), self.x.sum(axis=0)[None, :])
+        left = self.left._to_dense().reshape(batch, k * p)
+        return (left.T @ self.x).reshape(k, -1)
+
+    def _to_dense(self):
+        left = self.left._to_dense()
+        dense = left[:, :, :, None] * self.x[:, None, None, :]
+        return dense.reshape(self.shape)
+
+    def _transpose(self):
+        return _TransposedJacobian(self)
+
+    def _take(self, index):
+        return KroneckerJacobian(self.left._take(index), self.x[index])
+
+    def _apply(self, right):
+        batch, p, q = self.batch_size, self.left.in_dim, self.x.shape[1]
+        right = np.broadcast_to(right, (batch, *right.shape[-2:]))
+        contracted = np.einsum("bpqr,bq->bpr", right.reshape(batch, p, q, -1), self.x)
+        return self.left._apply(contracted)
+
+    def _rapply(self, left):
+        reduced = self.left._rapply(left)
+        batch, rows, p = reduced.shape
+        return (reduced[:, :, :, None] * self.x[:, None, None, :]).reshape(batch, rows, -1)
+
+    def _rmatmul(self, other):
+        return KroneckerJacobian(_compose(other, self.left), self.x)
+
+    def _scale(self, scalar):
+        return KroneckerJacobian(self.left._scale(scalar), self.x)
+
+
+class _TransposedJacobian(Jacobian):
+    """The transpose of an operator that has no cheaper transposed form of its own."""
+
+    kind = "transposed"
+
+    def __init__(self, op: Jacobian):
+        self.op = op
+        batch, m, n = op.shape
+        self.shape = (batch, n, m)
+        self.dtype = op.dtype
+
+    def _vjp(self, g):
+        return self.op._jvp(g)
+
+    def _jvp(self, v):
+        return self.op._vjp(v)
+
+    def _to_dense(self):
+        return self.op._to_dense().swapaxes(1, 2).copy()
+
+    def _transpose(self):
+        return self.op
+
+    def _take(self, index):
+        return _TransposedJacobian(self.op._take(index))
+
+    def _apply(self, right):
+        # (J^T R)^T = R^T J
+        return self.op._rapply(np.swapaxes(right, -1, -2)).swapaxes(1, 2)
+
+    def _rapply(self, left):
+        return self.op._apply(np.swapaxes(left, -1, -2)).swapaxes(1, 2)
+
+
+# ---------------------------------------------------------------------------
+def as_jacobian(value, *, batch_size: int | None = None) -> Jacobian:
+    """Wrap an array as an operator: `(m, n)` -> shared, `(B, m, n)` -> general."""
+    if isinstance(value, Jacobian):
+        return value
+    array = np.asarray(value)
+    if array.ndim == 3:
+        return GeneralJacobian(array)
+    if array.ndim == 2:
+        if batch_size is None:
+            raise ShapeError(
+                "as_jacobian: a 2-D matrix is shared by every sample and needs `batch_size`"
+            )
+        return SharedJacobian(array, batch_size)
+    raise ShapeError(
+        f"as_jacobian: expected a Jacobian, an (m, n) matrix or a (B, m, n) stack, "
+        f"got shape {array.shape}"
+    )
+
+
+def _check_composable(left: Jacobian, right: Jacobian) -> None:
+    if left.batch_size != right.batch_size or left.in_dim != right.out_dim:
+        raise ShapeError(
+            f"Jacobian @: cannot compose {type(left).__name__} of shape {left.shape} with "
+            f"{type(right).__name__} of shape {right.shape} (need equal B and "
+            f"left n == right m)"
+        )
+
+
+def _compose(left: Jacobian, right: Jacobian) -> Jacobian:
+    """`left @ right`, structured where a rule exists, else one dense stack."""
+    result = left._matmul(right)
+    if result is NotImplemented:
+        result = right._rmatmul(left)
+    if result is NotImplemented:
+        # No structure survives: materialize the cheaper side, apply the other.
+        if _dense_size(right) <= _dense_size(left):
+            result = GeneralJacobian(left._apply(right._to_dense()))
+        else:
+            result = GeneralJacobian(right._rapply(left._to_dense()))
+    return result
+
+
+def softmax_block_product(s: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """`(diag(s_i) - s_i s_i^T) u_i` for every sample, in O(n) each."""
+    return s * (u - np.einsum("bn,bn->b", u, s)[:, None])
+
+
+def _taken_size(batch_size: int, index) -> int:
+    return len(np.arange(batch_size)[index])
+
+
+def _dense_size(op: Jacobian) -> int:
+    batch, m, n = op.shape
+    return batch * m * n
+
+
+def _blocks_to_sparse(blocks: np.ndarray) -> sparse.csr_array:
+    batch, m, n = blocks.shape
+    sample, row, col = np.nonzero(blocks)
+    values = blocks[sample, row, col]
+    return sparse.csr_array(
+        (values, (sample * m + row, sample * n + col)), shape=(batch * m, batch * n)
+    )
+
+
+# ---- choosing the product order of a chain --------------------------------
+def _product_estimate(left, right) -> tuple[str, int]:
+    """(kind of the result, flop estimate) of `left @ right` from kinds and shapes only.
+
+    `left` and `right` are `(kind, (B, m, n))` pairs; the numbers follow the
+    rules `_compose` applies, so the order search sees the costs it will pay.
+    """
+    (lkind, (batch, m, k)), (rkind, (_, _, n)) = left, right
+    if lkind == "identity":
+        return rkind, 0
+    if rkind == "identity":
+        return lkind, 0
+    if lkind == rkind == "diagonal":
+        return "diagonal", batch * m
+    if lkind == rkind == "shared":
+        return "shared", m * k * n
+    if {lkind, rkind} == {"shared", "diagonal"}:
+        return "general", batch * m * n
+    if lkind == "kronecker" and rkind != "general":
+        return "general", batch * m * k * n
+    if rkind == "kronecker":
+        return "kronecker", batch * m * k
+    cheap = {"diagonal": 1, "softmax": 3}
+    if lkind in cheap:
+        return "general", cheap[lkind] * batch * m * n
+    if rkind in cheap:
+        return "general", cheap[rkind] * batch * m * n
+    return "general", batch * m * k * n
+
+
+def chain_cost(ops: list[Jacobian], order: str = "auto") -> tuple[int, object]:
+    """The flop estimate of `ops[0] @ ops[1] @ ... @ ops[-1]` and its parenthesization.
+
+    `order` is "reverse" (left to right: start from the outputs), "forward"
+    (right to left: start from the inputs) or "auto" (the cheapest of all
+    parenthesizations, by dynamic programming over the chain). The tree is an
+    int (a leaf index) or a pair of trees.
+    """
+    items = [(op.kind, op.shape) for op in ops]
+    count = len(items)
+    if order in ("reverse", "forward"):
+        indices = range(count) if order == "reverse" else range(count - 1, -1, -1)
+        indices = list(indices)
+        tree, item, total = indices[0], items[indices[0]], 0
+        for index in indices[1:]:
+            pair = (item, items[index]) if order == "reverse" else (items[index], item)
+            kind, cost = _product_estimate(*pair)
+            total += cost
+            shape = (pair[0][1][0], pair[0][1][1], pair[1][1][2])
+            item = (kind, shape)
+            tree = (tree, index) if order == "reverse" else (index, tree)
+        return total, tree
+    if order != "auto":
+        raise ValueError(
+            f"chain_cost: `order` must be 'auto', 'forward' or 'reverse', got {order!r}"
+        )
+    # best[i][j] = (cost, (kind, shape), tree) for ops[i..j]
+    best = [[None] * count for _ in range(count)]
+    for i in range(count):
+        best[i][i] = (0, items[i], i)
+    for span in range(1, count):
+        for i in range(count - span):
+            j = i + span
+            for split in range(i, j):
+                lcost, litem, ltree = best[i][split]
+                rcost, ritem, rtree = best[split + 1][j]
+                kind, cost = _product_estimate(litem, ritem)
+                total = lcost + rcost + cost
+                if best[i][j] is None or total < best[i][j][0]:
+                    shape = (litem[1][0], litem[1][1], ritem[1][2])
+                    best[i][j] = (total, (kind, shape), (ltree, rtree))
+    total, _, tree = best[0][count - 1]
+    return total, tree
+
+
+def multiply_chain(ops: list[Jacobian], order: str = "auto") -> Jacobian:
+    """`ops[0] @ ops[1] @ ... @ ops[-1]` in the given `order` (see `chain_cost`)."""
+    if not ops:
+        raise ValueError("multiply_chain: need at least one operator")
+    for left, right in zip(ops[:-1], ops[1:]):
+        _check_composable(left, right)
+    _, tree = chain_cost(ops, order)
+
+    def evaluate(node):
+        if isinstance(node, int):
+            return ops[node]
+        return _compose(evaluate(node[0]), evaluate(node[1]))
+
+    return evaluate(tree)

@@ -1,0 +1,242 @@
+"""Activation layers: elementwise nonlinearities and softmax.
+
+Each elementwise layer states its function and its derivative side by side;
+the shared base turns the derivative into a diagonal Jacobian and a vjp.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy.special import expit, log_expit
+
+from ..jacobian import (
+    DiagonalJacobian,
+    IdentityJacobian,
+    SoftmaxJacobian,
+    softmax_block_product,
+)
+from .base import Layer, register_layer
+
+__all__ = ["Identity", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softplus", "Softmax"]
+
+
+class ActivationCache(NamedTuple):
+    x: np.ndarray  # (B, n) input
+    y: np.ndarray  # (B, n) output; sigmoid, tanh and softmax differentiate through it
+
+
+def log_tiny(dtype) -> float:
+    """The most negative exponent whose exp is still a normal number of `dtype`.
+
+    Clipping exp's argument here keeps underflow from raising under
+    `np.errstate(all="raise")`; the values lost are below `tiny` anyway.
+    """
+    return float(np.log(np.finfo(dtype).tiny))
+
+
+class Elementwise(Layer):
+    """Base of `y_j = f(x_j)`: the Jacobian is `diag(f'(x))` `(B, n)`."""
+
+    elementwise = True
+
+    def _forward(self, x):
+        return self._function(x), ActivationCache(x, None)
+
+    def _function(self, x):
+        raise NotImplementedError
+
+    def _derivative(self, cache):
+        """`f'(x)` with the shape and dtype of `x`."""
+        raise NotImplementedError
+
+    def _vjp(self, cache, g, need_input):
+        return (g * self._derivative(cache) if need_input else None), {}
+
+    def _jvp(self, cache, v):
+        return v * self._derivative(cache)
+
+    def _jacobian(self, cache):
+        return DiagonalJacobian(self._derivative(cache))
+
+
+@register_layer
+class Identity(Layer):
+    """`y = x`; the Jacobian is the identity.
+
+    Notes
+    -----
+    `dy/dx = I_n`, stored as an `IdentityJacobian` (no array).
+    """
+
+    elementwise = True
+
+    def _forward(self, x):
+        return x, ActivationCache(x, x)
+
+    def _vjp(self, cache, g, need_input):
+        return g, {}
+
+    def _jvp(self, cache, v):
+        return v
+
+    def _jacobian(self, cache):
+        x = cache.x
+        return IdentityJacobian(x.shape[0], x.shape[1], x.dtype)
+
+
+@register_layer
+class ReLU(Elementwise):
+    """`y = max(x, 0)`.
+
+    Notes
+    -----
+    `dy/dx = diag(1[x > 0])`. At `x == 0` the derivative is taken as 0 (as in
+    PyTorch and JAX); any value in `[0, 1]` is a valid subgradient there.
+    """
+
+    kinks = (0.0,)
+
+    def _function(self, x):
+        return np.maximum(x, 0)
+
+    def _derivative(self, cache):
+        return (cache.x > 0).astype(cache.x.dtype)
+
+    def _vjp(self, cache, g, need_input):
+        # Multiplying by the boolean mask skips the float cast of the derivative.
+        return (g * (cache.x > 0) if need_input else None), {}
+
+
+@register_layer
+class LeakyReLU(Elementwise):
+    """`y = x` for `x > 0`, else `alpha * x`.
+
+    Parameters
+    ----------
+    alpha : float
+        Slope on the negative side (0.01 by default).
+
+    Notes
+    -----
+    `dy/dx = diag(1 if x > 0 else alpha)`; at `x == 0` the derivative is
+    `alpha` (as in PyTorch).
+    """
+
+    kinks = (0.0,)
+
+    def __init__(self, alpha: float = 0.01):
+        super().__init__()
+        if isinstance(alpha, bool) or not np.isscalar(alpha) or not np.isfinite(alpha):
+            raise ValueError(f"LeakyReLU: `alpha` must be a finite real number, got {alpha!r}")
+        self.alpha = float(alpha)
+
+    @classmethod
+    def example(cls, input_dim, *, rng, dtype=np.float64):
+        return cls(alpha=float(rng.uniform(0.01, 0.5)))
+
+    def __repr__(self):
+        return f"LeakyReLU(alpha={self.alpha})"
+
+    def _function(self, x):
+        return np.where(x > 0, x, self.alpha * x)
+
+    def _derivative(self, cache):
+        x = cache.x
+        return np.where(x > 0, 1.0, self.alpha).astype(x.dtype)
+
+
+@register_layer
+class Sigmoid(Elementwise):
+    """`y = 1 / (1 + exp(-x))`, computed without overflow on either side.
+
+    Notes
+    -----
+    `dy/dx = diag(y * (1 - y))`.
+    """
+
+    saturation = 30.0
+
+    def _forward(self, x):
+        y = expit(x)
+        return y, ActivationCache(x, y)
+
+    def _derivative(self, cache):
+        y = cache.y
+        return y * (1 - y)
+
+
+@register_layer
+class Tanh(Elementwise):
+    """`y = tanh(x)`.
+
+    Notes
+    -----
+    `dy/dx = diag(1 - y^2)`.
+    """
+
+    saturation = 15.0
+
+    def _forward(self, x):
+        y = np.tanh(x)
+        return y, ActivationCache(x, y)
+
+    def _derivative(self, cache):
+        y = cache.y
+        return 1 - y * y
+
+
+@register_layer
+class Softplus(Elementwise):
+    """`y = log(1 + exp(x))`, computed as `-log_sigmoid(-x)` so it never overflows.
+
+    Notes
+    -----
+    `dy/dx = diag(sigmoid(x))`.
+    """
+
+    saturation = 30.0
+
+    def _function(self, x):
+        return -log_expit(-x)
+
+    def _derivative(self, cache):
+        return expit(cache.x)
+
+
+@register_layer
+class Softmax(Layer):
+    """`y_i = exp(x_i) / sum_k exp(x_ik)` per sample, shifted by the row maximum.
+
+    Notes
+    -----
+    `dy_i/dx_i = diag(y_i) - y_i y_i^T` (a `SoftmaxJacobian` storing `y`), so
+    `vjp(g)_i = y_i * (g_i - <g_i, y_i>)`, and the jvp is the same (symmetric).
+    """
+
+    saturation = 30.0
+
+    def _forward(self, x):
+        y = softmax(x)
+        return y, ActivationCache(x, y)
+
+    def _vjp(self, cache, g, need_input):
+        return (softmax_block_product(cache.y, g) if need_input else None), {}
+
+    def _jvp(self, cache, v):
+        # The block is symmetric, so the jvp is the vjp formula.
+        return softmax_block_product(cache.y, v)
+
+    def _jacobian(self, cache):
+        return SoftmaxJacobian(cache.y)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of `(B, n)` logits, stable for any finite magnitude."""
+    shifted = x - x.max(axis=1, keepdims=True)
+    np.maximum(shifted, log_tiny(x.dtype), out=shifted)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+

@@ -1,0 +1,115 @@
+"""Fully connected (affine) layer."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..jacobian import IdentityJacobian, KroneckerJacobian, SharedJacobian
+from .base import Layer, register_layer
+
+__all__ = ["Dense"]
+
+
+class DenseCache(NamedTuple):
+    x: np.ndarray  # (B, in_features): the input, which dL/dW needs
+
+
+@register_layer
+class Dense(Layer):
+    """Affine layer `y = x @ W.T + b`.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Sizes n and m.
+    bias : bool
+        Whether to add `b`.
+    rng : numpy.random.Generator, optional
+        Source of the initial weights, uniform in `+-1/sqrt(in_features)`
+        (PyTorch's default); a fresh unseeded generator when omitted.
+    dtype : floating dtype
+        float64 by default.
+
+    Notes
+    -----
+    Shapes: `x` `(B, n)`, `W` `(m, n)`, `b` `(m,)`, `y` `(B, m)`.
+
+    - `dy_i/dx_i = W` for every sample (a `SharedJacobian`);
+    - `dy_i/dvec(W) = I_m (kron) x_i^T` (a `KroneckerJacobian` over `x`);
+    - `dy_i/db = I_m`.
+
+    So `dL/dx = G @ W`, `dL/dW = G^T @ X` and `dL/db = sum_i G_i`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 rng: np.random.Generator | None = None, dtype=np.float64):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"Dense: `{name}` must be a positive integer, got {value!r}")
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"Dense: `dtype` must be a floating dtype, got {dtype}")
+        if rng is None:
+            rng = np.random.default_rng()
+        elif not isinstance(rng, np.random.Generator):
+            raise TypeError(
+                f"Dense: `rng` must be a numpy.random.Generator, got {type(rng).__name__}"
+            )
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.bias = bool(bias)
+        bound = 1.0 / np.sqrt(in_features)
+        self.params["W"] = rng.uniform(-bound, bound, (out_features, in_features)).astype(dtype)
+        if bias:
+            self.params["b"] = rng.uniform(-bound, bound, out_features).astype(dtype)
+
+    @classmethod
+    def example(cls, input_dim, *, rng, dtype=np.float64):
+        return cls(input_dim, int(rng.integers(1, 6)), rng=rng, dtype=dtype)
+
+    def __repr__(self):
+        return f"Dense({self.in_features}, {self.out_features}, bias={self.bias})"
+
+    @property
+    def W(self) -> np.ndarray:  # noqa: N802 (the maths name)
+        return self.params["W"]
+
+    @property
+    def b(self) -> np.ndarray | None:
+        return self.params.get("b")
+
+    @property
+    def input_dim(self):
+        return self.in_features
+
+    def output_dim(self, input_dim):
+        return self.out_features
+
+    def _forward(self, x):
+        y = x @ self.params["W"].T
+        if self.bias:
+            y += self.params["b"]
+        return y, DenseCache(x)
+
+    def _vjp(self, cache, g, need_input):
+        grads = {"W": g.T @ cache.x}
+        if self.bias:
+            grads["b"] = g.sum(axis=0)
+        return (g @ self.params["W"] if need_input else None), grads
+
+    def _jvp(self, cache, v):
+        return v @ self.params["W"].T
+
+    def _jacobian(self, cache):
+        return SharedJacobian(self.params["W"], cache.x.shape[0])
+
+    def _param_jacobians(self, cache):
+        batch = cache.x.shape[0]
+        identity = IdentityJacobian(batch, self.out_features, self.params["W"].dtype)
+        jacobians = {"W": KroneckerJacobian(identity, cache.x)}
+        if self.bias:
+            jacobians["b"] = identity
+        return jacobians

@@ -1,0 +1,312 @@
+"""Losses: value, gradient and Jacobian of `L(y, t)` with respect to the network output.
+
+A loss is not a layer: it maps the output `y` `(B, m)` and a target to one
+number. With `reduction="mean"`, `L = (1/B) sum_i l(y_i, t_i)`; with "sum",
+`L = sum_i l(y_i, t_i)`. `grad(y, t)` is `dL/dy` `(B, m)` (row vectors);
+`jacobian(y, t)` is the same as a `(B, 1, m)` operator whose blocks are
+`dL/dy_i`, ready to be chained into the network's Jacobians with `@`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from scipy.special import expit, log_expit
+
+from .errors import ShapeError, check_batch_matrix
+from .jacobian import GeneralJacobian
+from .layers.activations import log_tiny
+
+__all__ = [
+    "Loss",
+    "LOSSES",
+    "register_loss",
+    "MSE",
+    "RMSE",
+    "SoftmaxCrossEntropy",
+    "BinaryCrossEntropy",
+]
+
+#: Every registered loss class by name (tests and CLI read this table).
+LOSSES: dict[str, type[Loss]] = {}
+
+
+def register_loss(cls: type[Loss]) -> type[Loss]:
+    """Class decorator: add `cls` to `LOSSES` under its class name."""
+    LOSSES[cls.__name__] = cls
+    return cls
+
+
+class Loss:
+    """Base class: subclasses implement `_per_sample` and `_value_and_grad`.
+
+    Parameters
+    ----------
+    reduction : {"mean", "sum"}
+        How per-sample losses combine into `L`.
+    """
+
+    #: Output values at which the loss has a kink (RMSE at zero error).
+    kinks: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, reduction: str = "mean"):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"{type(self).__name__}: `reduction` must be 'mean' or 'sum', got {reduction!r}"
+            )
+        self.reduction = reduction
+
+    def __repr__(self):
+        return f"{type(self).__name__}(reduction={self.reduction!r})"
+
+    # ---- public API ----------------------------------------------------------
+    def value(self, y, t) -> float:
+        """`L(y, t)`, a Python float."""
+        y, t = self._check(y, t)
+        return self._reduce(self._per_sample(y, t))
+
+    def grad(self, y, t) -> np.ndarray:
+        """`dL/dy`, shape `(B, m)`."""
+        y, t = self._check(y, t)
+        return self._value_and_grad(y, t)[1]
+
+    def value_and_grad(self, y, t) -> tuple[float, np.ndarray]:
+        """`(L, dL/dy)` in one pass."""
+        y, t = self._check(y, t)
+        return self._value_and_grad(y, t)
+
+    def jacobian(self, y, t) -> GeneralJacobian:
+        """`dL/dy` as a `(B, 1, m)` operator: block i is the row `dL/dy_i`."""
+        return GeneralJacobian(self.grad(y, t)[:, None, :])
+
+    def per_sample(self, y, t) -> np.ndarray:
+        """The per-sample losses `l(y_i, t_i)`, shape `(B,)`."""
+        y, t = self._check(y, t)
+        return self._per_sample(y, t)
+
+    def reduce(self, per_sample: np.ndarray) -> float:
+        """Combine per-sample losses into `L` (so `value == reduce(per_sample)`)."""
+        return self._reduce(np.asarray(per_sample))
+
+    def example_target(self, shape: tuple[int, int], *, rng: np.random.Generator, dtype=np.float64):
+        """A valid random target for outputs of `shape` `(B, m)`."""
+        return rng.standard_normal(shape).astype(dtype)
+
+    # ---- shared machinery ---------------------------------------------------
+    def _weight(self, batch: int) -> float:
+        return 1.0 / batch if self.reduction == "mean" else 1.0
+
+    def _reduce(self, per_sample: np.ndarray) -> float:
+        total = float(per_sample.sum())
+        return total / per_sample.shape[0] if self.reduction == "mean" else total
+
+    def _check(self, y, t):
+        where = type(self).__name__
+        y = check_batch_matrix(y, where=where, name="y")
+        if y.shape[0] == 0:
+            raise ValueError(f"{where}: the batch is empty (y has shape {y.shape}); "
+                             "a loss over zero samples is undefined")
+        return y, self._check_target(y, t, where)
+
+    def _check_target(self, y, t, where):
+        t = check_batch_matrix(t, where=where, name="t", dtype=y.dtype)
+        if t.shape != y.shape:
+            raise ShapeError(f"{where}: target `t` must have the shape of `y` {y.shape}, "
+                             f"got {t.shape}")
+        return t
+
+    def _per_sample(self, y, t):
+        raise NotImplementedError
+
+    def _value_and_grad(self, y, t):
+        raise NotImplementedError
+
+
+@register_loss
+class MSE(Loss):
+    """Mean squared error.
+
+    Notes
+    -----
+    `l(y_i, t_i) = (1/m) sum_k (y_ik - t_ik)^2`, so with "mean" `L` is the mean
+    over all `B*m` entries; `dL/dy = (2 / m) w (y - t)` with `w = 1/B` ("mean")
+    or 1 ("sum").
+    """
+
+    def _per_sample(self, y, t):
+        diff = y - t
+        return np.einsum("bm,bm->b", diff, diff) / y.shape[1]
+
+    def _value_and_grad(self, y, t):
+        diff = y - t
+        batch, m = y.shape
+        value = float(np.einsum("bm,bm->", diff, diff)) / m * self._weight(batch)
+        diff *= 2.0 * self._weight(batch) / m
+        return value, diff
+
+
+@register_loss
+class RMSE(MSE):
+    """Root of the MSE over the batch: `L = sqrt(MSE(y, t))`, one number.
+
+    Notes
+    -----
+    `dL/dy = dMSE/dy / (2 L)`. At exactly zero error (`L == 0`) the gradient
+    is taken as 0, the minimum-norm subgradient: `L` is a scaled Euclidean
+    norm of `y - t`, whose subdifferential at 0 is a ball around 0.
+    `per_sample` gives the per-sample MSE; `reduce` takes the square root.
+    """
+
+    kinks = ("zero error",)
+
+    def _reduce(self, per_sample):
+        return float(np.sqrt(super()._reduce(per_sample)))
+
+    def _value_and_grad(self, y, t):
+        mse, grad = super()._value_and_grad(y, t)
+        value = float(np.sqrt(mse))
+        if value == 0.0:
+            return value, np.zeros_like(grad)
+        grad /= 2.0 * value
+        return value, grad
+
+
+@register_loss
+class SoftmaxCrossEntropy(Loss):
+    """Cross-entropy of `softmax(y)` against class labels or probability rows.
+
+    Targets are either integer labels `(B,)` with `0 <= t_i < m`, or
+    probability rows `(B, m)` (non-negative, each summing to 1).
+
+    Notes
+    -----
+    With log-probabilities `log p_i = y_i - logsumexp(y_i)` (computed from the
+    row maximum, so any finite logits are safe):
+    `l_i = -log p_i[t_i]` or `-sum_k t_ik log p_ik`, and
+    `dL/dy_i = w (p_i * sum_k t_ik - t_i)`, i.e. `w (p_i - onehot(t_i))`.
+    """
+
+    def example_target(self, shape, *, rng, dtype=np.float64):
+        return rng.integers(0, shape[1], size=shape[0])
+
+    def _check_target(self, y, t, where):
+        t = t if isinstance(t, np.ndarray) else np.asarray(t)
+        batch, classes = y.shape
+        if t.ndim == 2:
+            return self._check_probabilities(y, t, where)
+        if t.ndim != 1 or t.shape[0] != batch:
+            raise ShapeError(
+                f"{where}: target `t` must be class labels of shape ({batch},) or "
+                f"probability rows of shape {y.shape}, got shape {t.shape}"
+            )
+        if t.dtype.kind not in "iu":
+            if t.dtype.kind != "f":
+                raise TypeError(f"{where}: class labels `t` must be integers, got dtype {t.dtype}")
+            fractional = np.flatnonzero(t != np.round(t))
+            if fractional.size:
+                index = fractional[0]
+                raise ValueError(
+                    f"{where}: class labels `t` must be integers, got t[{index}] = {t[index]!r}"
+                )
+            t = t.astype(np.intp)
+        if t.min() < 0 or t.max() >= classes:
+            index = int(np.flatnonzero((t < 0) | (t >= classes))[0])
+            raise ValueError(
+                f"{where}: class label t[{index}] = {t[index]} is out of range for "
+                f"{classes} classes (expected 0 <= label < {classes})"
+            )
+        return t
+
+    def _check_probabilities(self, y, t, where):
+        t = check_batch_matrix(t, where=where, name="t", dtype=y.dtype)
+        if t.shape != y.shape:
+            raise ShapeError(
+                f"{where}: probability targets `t` must have the shape of `y` {y.shape}, "
+                f"got {t.shape}"
+            )
+        if (t < 0).any():
+            row, col = np.argwhere(t < 0)[0]
+            raise ValueError(
+                f"{where}: probability targets must be non-negative, got t[{row}, {col}] = "
+                f"{t[row, col]!r}"
+            )
+        sums = t.sum(axis=1)
+        tolerance = np.sqrt(np.finfo(t.dtype).eps) * t.shape[1]
+        off = np.flatnonzero(np.abs(sums - 1) > tolerance)
+        if off.size:
+            raise ValueError(
+                f"{where}: each probability row of `t` must sum to 1, row {off[0]} sums to "
+                f"{sums[off[0]]!r}"
+            )
+        return t
+
+    @staticmethod
+    def _shifted_exp(y):
+        """`(y - max_i, exp(y - max_i), row sums of the exp)`, clipped against underflow."""
+        shifted = y - y.max(axis=1, keepdims=True)
+        exps = np.maximum(shifted, log_tiny(y.dtype))
+        np.exp(exps, out=exps)
+        return shifted, exps, exps.sum(axis=1)
+
+    def _per_sample(self, y, t):
+        shifted, _, sums = self._shifted_exp(y)
+        log_sums = np.log(sums)
+        if t.ndim == 1:
+            return log_sums - shifted[np.arange(y.shape[0]), t]
+        return log_sums * t.sum(axis=1) - np.einsum("bm,bm->b", t, shifted)
+
+    def _value_and_grad(self, y, t):
+        batch = y.shape[0]
+        shifted, probabilities, sums = self._shifted_exp(y)
+        log_sums = np.log(sums)
+        probabilities /= sums[:, None]
+        weight = self._weight(batch)
+        if t.ndim == 1:
+            rows = np.arange(batch)
+            per_sample = log_sums - shifted[rows, t]
+            probabilities[rows, t] -= 1.0
+        else:
+            mass = t.sum(axis=1)
+            per_sample = log_sums * mass - np.einsum("bm,bm->b", t, shifted)
+            probabilities *= mass[:, None]
+            probabilities -= t
+        probabilities *= weight
+        return float(per_sample.sum()) * weight, probabilities
+
+
+@register_loss
+class BinaryCrossEntropy(Loss):
+    """Binary cross-entropy on logits, targets in `[0, 1]` with the shape of `y`.
+
+    Notes
+    -----
+    `l_i = (1/m) sum_k [softplus(y_ik) - t_ik y_ik]`, with
+    `softplus(z) = -log_sigmoid(-z)` so neither side overflows;
+    `dL/dy = (w / m) (sigmoid(y) - t)`.
+    """
+
+    def example_target(self, shape, *, rng, dtype=np.float64):
+        return rng.uniform(0.0, 1.0, size=shape).astype(dtype)
+
+    def _check_target(self, y, t, where):
+        t = super()._check_target(y, t, where)
+        bad = (t < 0) | (t > 1) | np.isnan(t)
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise ValueError(
+                f"{where}: targets must lie in [0, 1], got t[{row}, {col}] = {t[row, col]!r}"
+            )
+        return t
+
+    def _per_sample(self, y, t):
+        return (-log_expit(-y) - t * y).mean(axis=1)
+
+    def _value_and_grad(self, y, t):
+        batch, m = y.shape
+        weight = self._weight(batch)
+        value = float((-log_expit(-y) - t * y).sum()) * weight / m
+        grad = expit(y)
+        grad -= t
+        grad *= weight / m
+        return value, grad

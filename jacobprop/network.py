@@ -1,0 +1,276 @@
+"""`Sequential`: a stack of layers that is itself a layer.
+
+The forward pass records a tape (one cache per layer). The backward pass
+runs in one of two modes that must agree to rounding:
+
+- `mode="vjp"`: chain each layer's vector-Jacobian product from `dL/dy`
+  back to the first layer; no matrix is ever formed.
+- `mode="jacobian"`: the chain rule as written on paper. The loss gives
+  `dL/dy` as a `(B, 1, m)` operator; walking backward, each parameter's
+  gradient is `sum_i (dL/dy_l @ dy_l/dvec(p))_i` and the covector moves on
+  through `@ dy_l/dx_l`. `dense=True` materializes every block first.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import ShapeError, check_batch_matrix
+from .jacobian import GeneralJacobian, Jacobian, chain_cost, multiply_chain
+from .layers.base import Layer
+from .losses import Loss
+
+__all__ = ["Sequential", "SequentialCache"]
+
+_MODES = ("vjp", "jacobian")
+_ORDERS = ("auto", "forward", "reverse")
+
+
+class SequentialCache(NamedTuple):
+    x: np.ndarray  # (B, n) network input
+    caches: tuple  # one cache per layer, in layer order
+    y: np.ndarray  # (B, m) network output
+
+
+class Sequential(Layer):
+    """Layers applied in order: `y = f_L(... f_2(f_1(x)))`.
+
+    Parameters
+    ----------
+    *layers : Layer
+        The stack, first layer first. A `Sequential` may contain others.
+
+    Notes
+    -----
+    `dy/dx = J_L @ ... @ J_1` with `J_l = dy_l/dx_l`, and for a parameter p of
+    layer l, `dy/dvec(p) = J_L @ ... @ J_{l+1} @ dy_l/dvec(p)`. Parameters and
+    gradients are keyed `"<layer index>.<name>"` in layer order.
+    """
+
+    def __init__(self, *layers: Layer):
+        # No super().__init__(): `params` is a live property over the layers here.
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        if not layers:
+            raise ValueError("Sequential: needs at least one layer")
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(
+                    f"Sequential: layer {index} must be a jacobprop Layer, "
+                    f"got {type(layer).__name__}"
+                )
+        self._layers = tuple(layers)
+        self._input_dim = self._check_widths()
+        # Gradient keys are formatted once here, not on every backward pass.
+        self._keys = tuple(
+            {name: f"{index}.{name}" for name in layer.params}
+            for index, layer in enumerate(self._layers)
+        )
+
+    def _check_widths(self) -> int | None:
+        """Check that consecutive layers fit; return the network's input width."""
+        width = first = None
+        for index, layer in enumerate(self._layers):
+            expected = layer.input_dim
+            if expected is not None:
+                if width is not None and width != expected:
+                    raise ShapeError(
+                        f"Sequential: layer {index} ({layer!r}) expects {expected} input "
+                        f"features, but layer {index - 1} produces {width}"
+                    )
+                if width is None and first is None:
+                    first = expected
+                width = expected
+            if width is not None:
+                width = layer.output_dim(width)
+        return first
+
+    # ---- container protocol ---------------------------------------------------
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        return self._layers
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Sequential(*self._layers[index])
+        return self._layers[index]
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __repr__(self):
+        inner = ",\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self._layers))
+        return f"Sequential(\n{inner}\n)"
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The live parameter arrays (no copies), keyed `"<index>.<name>"`, in layer order."""
+        return {
+            keys[name]: value
+            for layer, keys in zip(self._layers, self._keys)
+            for name, value in layer.params.items()
+        }
+
+    @property
+    def input_dim(self):
+        return self._input_dim
+
+    def output_dim(self, input_dim):
+        for layer in self._layers:
+            input_dim = layer.output_dim(input_dim)
+        return input_dim
+
+    @property
+    def dtype(self):
+        for layer in self._layers:
+            if layer.dtype is not None:
+                return layer.dtype
+        return None
+
+    # ---- the layer protocol -------------------------------------------------------
+    def _check_input(self, x, where=None):
+        first = self._layers[0]
+        where = where or f"Sequential layer 0 ({type(first).__name__})"
+        return check_batch_matrix(
+            x, where=where, name="x", features=self._input_dim, dtype=self.dtype or np.float64
+        )
+
+    def _forward(self, x):
+        caches = []
+        for layer in self._layers:
+            x, cache = layer._forward(x)
+            caches.append(cache)
+        return x, SequentialCache(caches[0].x, tuple(caches), x)
+
+    def _vjp(self, cache, g, need_input):
+        per_layer = []
+        caches = cache.caches
+        for index in range(len(self._layers) - 1, -1, -1):
+            g, grads = self._layers[index]._vjp(caches[index], g, need_input or index > 0)
+            per_layer.append((index, grads))
+        return g, self._collect(reversed(per_layer))
+
+    def _jvp(self, cache, v):
+        for layer, layer_cache in zip(self._layers, cache.caches):
+            v = layer._jvp(layer_cache, v)
+        return v
+
+    def _jacobian(self, cache, order="auto"):
+        ops = [layer._jacobian(c) for layer, c in zip(self._layers, cache.caches)]
+        return multiply_chain(ops[::-1], order)
+
+    def _param_jacobians(self, cache):
+        # dy/dvec(p) = (J_L @ ... @ J_{l+1}) @ dy_l/dvec(p): keep the running
+        # suffix product, built from the output side.
+        suffix = None
+        per_layer = []
+        for index in range(len(self._layers) - 1, -1, -1):
+            layer, layer_cache = self._layers[index], cache.caches[index]
+            own = layer._param_jacobians(layer_cache)
+            per_layer.append(
+                (index, {name: op if suffix is None else suffix @ op for name, op in own.items()})
+            )
+            if index > 0:
+                step = layer._jacobian(layer_cache)
+                suffix = step if suffix is None else suffix @ step
+        return self._collect(reversed(per_layer))
+
+    def _collect(self, per_layer) -> dict:
+        """Merge per-layer dicts into one keyed `"<index>.<name>"`, in layer order."""
+        merged = {}
+        for index, values in per_layer:
+            keys = self._keys[index]
+            for name, value in values.items():
+                merged[keys[name]] = value
+        return merged
+
+    def _check_cotangent(self, cache, g):
+        expected = cache.y.shape
+        return check_batch_matrix(g, where="Sequential", name="g", features=expected[1])
+
+    # ---- the public network API ------------------------------------------------------
+    def jacobian(self, x_or_cache, order: str = "auto") -> Jacobian:
+        """The full input-output Jacobian dy/dx, `(B, m, n)`.
+
+        Parameters
+        ----------
+        x_or_cache : ndarray `(B, n)` or SequentialCache
+            The input (the forward pass is run) or the cache of one already run.
+        order : {"auto", "forward", "reverse"}
+            Product order of `J_L @ ... @ J_1`: "forward" starts from the inputs
+            (cost grows with the input width), "reverse" from the outputs (grows
+            with the output width), "auto" picks the cheapest parenthesization
+            for the structures at hand (shared, diagonal, ...).
+        """
+        if order not in _ORDERS:
+            raise ValueError(f"Sequential.jacobian: `order` must be one of {_ORDERS}, got {order!r}")
+        if isinstance(x_or_cache, SequentialCache):
+            cache = x_or_cache
+        else:
+            _, cache = self._forward(self._check_input(x_or_cache))
+        return self._jacobian(cache, order)
+
+    def jacobian_cost(self, x_or_cache, order: str = "auto") -> int:
+        """The flop estimate the order search assigns to `jacobian(x, order)`."""
+        if isinstance(x_or_cache, SequentialCache):
+            cache = x_or_cache
+        else:
+            _, cache = self._forward(self._check_input(x_or_cache))
+        ops = [layer._jacobian(c) for layer, c in zip(self._layers, cache.caches)]
+        return chain_cost(ops[::-1], order)[0]
+
+    def value_and_grad(self, x, t, loss: Loss, mode: str = "vjp", dense: bool = False):
+        """`(L, grads)`: the loss value and `dL/dp` for every parameter.
+
+        Parameters
+        ----------
+        x : ndarray `(B, n)`
+        t : target in the form `loss` takes
+        loss : Loss
+        mode : {"vjp", "jacobian"}
+            "vjp" chains vector-Jacobian products (fast, no matrices); "jacobian"
+            multiplies the layers' Jacobian operators backward with `@`.
+        dense : bool
+            With mode="jacobian", materialize every block as a `(B, m, n)`
+            array first (slow; for teaching and cross-checking).
+
+        Returns
+        -------
+        value : float
+        grads : dict[str, ndarray]
+            Same keys, order and shapes as `params`. Nothing is written to the
+            layers: a failed call leaves every parameter as it was.
+        """
+        if mode not in _MODES:
+            raise ValueError(f"Sequential.value_and_grad: `mode` must be one of {_MODES}, "
+                             f"got {mode!r}")
+        if not isinstance(loss, Loss):
+            raise TypeError(f"Sequential.value_and_grad: `loss` must be a jacobprop Loss, "
+                            f"got {type(loss).__name__}")
+        y, cache = self._forward(self._check_input(x))
+        value, g = loss.value_and_grad(y, t)
+        if mode == "vjp":
+            return value, self._vjp(cache, g, False)[1]
+        return value, self._backward_by_jacobians(cache, GeneralJacobian(g[:, None, :]), dense)
+
+    def _backward_by_jacobians(self, cache, covector: Jacobian, dense: bool) -> dict:
+        def materialize(op):
+            return GeneralJacobian(op.to_dense()) if dense else op
+
+        covector = materialize(covector)
+        per_layer = []
+        for index in range(len(self._layers) - 1, -1, -1):
+            layer, layer_cache = self._layers[index], cache.caches[index]
+            grads = {}
+            for name, op in layer._param_jacobians(layer_cache).items():
+                summed = (covector @ materialize(op)).batch_sum()
+                grads[name] = summed.reshape(layer.params[name].shape)
+            per_layer.append((index, grads))
+            if index > 0:
+                covector = covector @ materialize(layer._jacobian(layer_cache))
+        return self._collect(reversed(per_layer))
