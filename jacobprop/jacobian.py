@@ -266,12 +266,6 @@ class GeneralJacobian(Jacobian):
     def _rapply(self, left):
         return left @ self.data
 
-    def _matmul(self, other):
-        return GeneralJacobian(other._rapply(self.data))
-
-    def _rmatmul(self, other):
-        return GeneralJacobian(other._apply(self.data))
-
     def _add(self, other):
         return GeneralJacobian(self.data + other._to_dense())
 
@@ -322,10 +316,18 @@ class SharedJacobian(Jacobian):
         return SharedJacobian(self.matrix, _taken_size(self.batch_size, index))
 
     def _apply(self, right):
-        return self.matrix @ right
+        if right.ndim == 2:
+            return self.matrix @ right
+        # One GEMM over the flattened batch beats numpy's loop of B small ones.
+        batch, n, k = right.shape
+        flat = right.swapaxes(1, 2).reshape(batch * k, n) @ self.matrix.T
+        return flat.reshape(batch, k, -1).swapaxes(1, 2)
 
     def _rapply(self, left):
-        return left @ self.matrix
+        if left.ndim == 2:
+            return left @ self.matrix
+        batch, k, m = left.shape
+        return (left.reshape(batch * k, m) @ self.matrix).reshape(batch, k, -1)
 
     def _matmul(self, other):
         if isinstance(other, SharedJacobian):
@@ -687,8 +689,14 @@ def _compose(left: Jacobian, right: Jacobian) -> Jacobian:
     if result is NotImplemented:
         result = right._rmatmul(left)
     if result is NotImplemented:
-        # No structure survives: materialize the cheaper side, apply the other.
-        if _dense_size(right) <= _dense_size(left):
+        # No rule keeps a structure: the result is one dense stack. A general
+        # side is already dense, so the other side acts on it directly;
+        # otherwise materialize the cheaper side and apply the other.
+        if isinstance(left, GeneralJacobian):
+            result = GeneralJacobian(right._rapply(left.data))
+        elif isinstance(right, GeneralJacobian):
+            result = GeneralJacobian(left._apply(right.data))
+        elif _dense_size(right) <= _dense_size(left):
             result = GeneralJacobian(left._apply(right._to_dense()))
         else:
             result = GeneralJacobian(right._rapply(left._to_dense()))

@@ -102,12 +102,16 @@ class Loss:
         return total / per_sample.shape[0] if self.reduction == "mean" else total
 
     def _check(self, y, t):
+        y = check_batch_matrix(y, where=type(self).__name__, name="y")
+        return y, self._validated_target(y, t)
+
+    def _validated_target(self, y: np.ndarray, t):
+        """Check `t` against an already valid output `y`; refuse an empty batch."""
         where = type(self).__name__
-        y = check_batch_matrix(y, where=where, name="y")
         if y.shape[0] == 0:
             raise ValueError(f"{where}: the batch is empty (y has shape {y.shape}); "
                              "a loss over zero samples is undefined")
-        return y, self._check_target(y, t, where)
+        return self._check_target(y, t, where)
 
     def _check_target(self, y, t, where):
         t = check_batch_matrix(t, where=where, name="t", dtype=y.dtype)
@@ -209,8 +213,10 @@ class SoftmaxCrossEntropy(Loss):
                 raise ValueError(
                     f"{where}: class labels `t` must be integers, got t[{index}] = {t[index]!r}"
                 )
+        if t.dtype != np.intp:
             t = t.astype(np.intp)
-        if t.min() < 0 or t.max() >= classes:
+        # Viewed as unsigned, a negative label wraps to a huge one: one reduction finds both.
+        if t.size and t.view(np.uintp).max() >= classes:
             index = int(np.flatnonzero((t < 0) | (t >= classes))[0])
             raise ValueError(
                 f"{where}: class label t[{index}] = {t[index]} is out of range for "

@@ -253,7 +253,8 @@ class Sequential(Layer):
             raise TypeError(f"Sequential.value_and_grad: `loss` must be a jacobprop Loss, "
                             f"got {type(loss).__name__}")
         y, cache = self._forward(self._check_input(x))
-        value, g = loss.value_and_grad(y, t)
+        # `y` comes from our own forward pass: only the target needs checking.
+        value, g = loss._value_and_grad(y, loss._validated_target(y, t))
         if mode == "vjp":
             return value, self._vjp(cache, g, False)[1]
         return value, self._backward_by_jacobians(cache, GeneralJacobian(g[:, None, :]), dense)

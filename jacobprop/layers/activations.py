@@ -27,13 +27,17 @@ class ActivationCache(NamedTuple):
     y: np.ndarray  # (B, n) output; sigmoid, tanh and softmax differentiate through it
 
 
+_LOG_TINY = {np.dtype(t): float(np.log(np.finfo(t).tiny)) for t in (np.float16, np.float32,
+                                                                     np.float64, np.longdouble)}
+
+
 def log_tiny(dtype) -> float:
     """The most negative exponent whose exp is still a normal number of `dtype`.
 
     Clipping exp's argument here keeps underflow from raising under
     `np.errstate(all="raise")`; the values lost are below `tiny` anyway.
     """
-    return float(np.log(np.finfo(dtype).tiny))
+    return _LOG_TINY[dtype]
 
 
 class Elementwise(Layer):

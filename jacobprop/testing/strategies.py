@@ -1,0 +1,364 @@
+"""Hypothesis strategies for layers, networks, inputs and targets, all drawn from the registries.
+
+Every layer comes from `jacobprop.LAYERS` and is built with its own
+`Layer.example(input_dim, rng=..., dtype=...)`; every loss from
+`jacobprop.LOSSES`, with targets from `Loss.example_target`. No list here can
+drift from the registries: a newly registered layer is drawn the moment it is
+registered.
+
+Inputs keep clear of the places where finite differences mean nothing: every
+input to a layer with `kinks` is at least `margin` away from each kink, and
+every input to a layer with a `saturation` lies within `|z| <= saturation`.
+For a network this holds at every depth (pre-activations included), except
+for entries that are locally constant (their derivative with respect to the
+network input and to every earlier parameter is exactly zero, as behind a ReLU
+that is off): those cannot cross a kink under any small perturbation.
+
+The numpy part (`draw_input`, `kink_distances`) works without hypothesis and
+is what `assert_layer_correct` uses when it draws its own inputs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from hypothesis import strategies as st
+
+from ..layers.base import LAYERS, Layer
+from ..losses import LOSSES, Loss
+from ..network import Sequential
+
+__all__ = [
+    "DEFAULT_MARGIN",
+    "NoValidInput",
+    "LayerInputs",
+    "flatten_layers",
+    "kink_distances",
+    "input_problems",
+    "draw_input",
+    "seeds",
+    "dtypes",
+    "layers",
+    "sequentials",
+    "inputs",
+    "losses",
+    "targets",
+]
+
+#: Default distance kept between any live layer input and a kink of that layer.
+#: Central differences step by about 6e-6 * max(1, |x|) in float64, so 1e-3
+#: leaves a wide gap even after a few layers amplify the step.
+DEFAULT_MARGIN = 1e-3
+
+#: Input scales `inputs` draws from: small, unit and large activations.
+DEFAULT_SCALES = (0.3, 1.0, 2.5)
+
+
+class NoValidInput(ValueError):
+    """No input clear of every kink and saturated region was found in the attempts allowed."""
+
+
+class LayerInputs(NamedTuple):
+    """What one kinked or saturating layer of a stack receives for an input `x`."""
+
+    position: int  # index of the layer in `flatten_layers(net)`
+    layer: Layer
+    z: np.ndarray  # (B, w): the layer's input
+    distance: np.ndarray  # (B, w): distance of z to the nearest kink (inf when none)
+    live: np.ndarray  # (B, w) bool: False where z is locally constant in x and the params
+
+
+def flatten_layers(layer: Layer) -> list[Layer]:
+    """The leaf layers of `layer` in the order they run (nested Sequentials expanded)."""
+    if isinstance(layer, Sequential):
+        return [leaf for inner in layer.layers for leaf in flatten_layers(inner)]
+    return [layer]
+
+
+def kink_distances(layer: Layer, x: np.ndarray, margin: float = DEFAULT_MARGIN
+                   ) -> list[LayerInputs]:
+    """The input of every leaf layer that declares kinks or a saturation, for input `x`.
+
+    Parameters
+    ----------
+    layer : Layer
+        A layer or a (nested) `Sequential`.
+    x : ndarray `(B, n)`
+        The input of `layer`.
+    margin : float
+        `live` is worked out only for layers with a distance below `margin`.
+
+    Returns
+    -------
+    list of LayerInputs
+        One entry per leaf layer with `kinks` or `saturation`, in running
+        order. `distance` is `min_k |z - kink_k|` (inf for a layer without
+        kinks). `live` is computed only when some distance is below `margin`
+        (it costs a prefix Jacobian); elsewhere it is all True.
+
+    Notes
+    -----
+    An entry `z[b, j]` is dead (not live) when row `(b, j)` of the prefix
+    Jacobian `dz/dx` `(B, w, n)` and of every prefix parameter Jacobian
+    `dz/dvec(p)` `(B, w, p.size)` is exactly zero.
+    """
+    leaves = flatten_layers(layer)
+    found = []
+    z = np.asarray(x)
+    for position, leaf in enumerate(leaves):
+        cls = type(leaf)
+        if cls.kinks or cls.saturation is not None:
+            if cls.kinks:
+                kinks = np.asarray(cls.kinks, dtype=np.float64)
+                distance = np.abs(z[:, :, None] - kinks).min(axis=2)
+            else:
+                distance = np.full(z.shape, np.inf)
+            live = np.ones(z.shape, dtype=bool)
+            if position > 0 and (distance < margin).any():
+                live = _live_entries(leaves[:position], x)
+            found.append(LayerInputs(position, leaf, z, distance, live))
+        z = leaf(z)
+    return found
+
+
+def _live_entries(prefix: list[Layer], x: np.ndarray) -> np.ndarray:
+    """`(B, w)` mask of the prefix outputs whose derivative is not exactly zero."""
+    net = Sequential(*prefix)
+    _, cache = net.forward(x)
+    live = (net.jacobian(cache).to_dense() != 0).any(axis=2)
+    for op in net.param_jacobians(cache).values():
+        live |= (op.to_dense() != 0).any(axis=2)
+    return live
+
+
+def input_problems(layer: Layer, x: np.ndarray, margin: float = DEFAULT_MARGIN) -> list[str]:
+    """Why `x` is a poor point for finite differences of `layer`; empty when it is fine.
+
+    Each string names the leaf layer, the entry and the offending value: a
+    live input closer than `margin` to a kink, or beyond `saturation`.
+    """
+    problems = []
+    for item in kink_distances(layer, x, margin):
+        name = f"layer {item.position} ({item.layer!r})"
+        near = item.live & (item.distance < margin)
+        if near.any():
+            b, j = np.argwhere(near)[0]
+            problems.append(
+                f"{name}: input [{b}, {j}] = {item.z[b, j]!r} is within {margin} of a kink "
+                f"{type(item.layer).kinks}"
+            )
+        saturation = type(item.layer).saturation
+        if saturation is not None:
+            beyond = item.live & (np.abs(item.z) > saturation)
+            if beyond.any():
+                b, j = np.argwhere(beyond)[0]
+                problems.append(
+                    f"{name}: input [{b}, {j}] = {item.z[b, j]!r} is beyond the saturation "
+                    f"|z| <= {saturation}"
+                )
+    return problems
+
+
+def draw_input(
+    layer: Layer,
+    batch: int,
+    *,
+    rng: np.random.Generator,
+    input_dim: int | None = None,
+    dtype=np.float64,
+    scale: float = 1.0,
+    margin: float = DEFAULT_MARGIN,
+    attempts: int = 32,
+) -> np.ndarray:
+    """A random input `(batch, n)` on which every live layer input is clear of kinks.
+
+    Parameters
+    ----------
+    layer : Layer
+        A layer or a (nested) `Sequential`.
+    batch : int
+        Number of samples B.
+    rng : numpy.random.Generator
+    input_dim : int, optional
+        The width n when `layer.input_dim` is None (a width-agnostic layer).
+    dtype : floating dtype
+    scale : float
+        Standard deviation of the Gaussian entries.
+    margin : float
+        Least distance from a kink (see `input_problems`).
+    attempts : int
+        Draws before giving up with `NoValidInput`.
+
+    Notes
+    -----
+    Entries of the first layer's input are pushed out of the margin directly
+    and clipped inside its saturation; deeper layers' inputs cannot be moved
+    that way, so the whole input is redrawn until they are clear (rarely more
+    than once: they land within `margin` of a kink with probability about
+    `margin / scale` per entry). The check runs in float64, before the cast.
+    """
+    width = layer.input_dim if layer.input_dim is not None else input_dim
+    if width is None:
+        raise ValueError(
+            f"draw_input: {layer!r} takes any number of features; pass `input_dim`"
+        )
+    first = type(flatten_layers(layer)[0])
+    for _ in range(attempts):
+        x = scale * rng.standard_normal((batch, width))
+        for kink in first.kinks:
+            offset = x - kink
+            close = np.abs(offset) < 2 * margin
+            x[close] = kink + np.where(offset[close] < 0, -2 * margin, 2 * margin)
+        if first.saturation is not None:
+            np.clip(x, -0.9 * first.saturation, 0.9 * first.saturation, out=x)
+        if not input_problems(layer, x, margin):
+            return x.astype(dtype)
+    raise NoValidInput(
+        f"draw_input: no input of shape ({batch}, {width}) for {layer!r} kept every layer "
+        f"input {margin} away from its kinks and inside its saturation in {attempts} draws; "
+        f"last problem: {input_problems(layer, x, margin)[0]}"
+    )
+
+
+# ---- hypothesis strategies -------------------------------------------------------
+def seeds() -> st.SearchStrategy[int]:
+    """Seeds for `numpy.random.default_rng`: examples build their arrays from one draw."""
+    return st.integers(min_value=0, max_value=2**32 - 1)
+
+
+def dtypes() -> st.SearchStrategy[np.dtype]:
+    """float64 or float32."""
+    return st.sampled_from([np.dtype(np.float64), np.dtype(np.float32)])
+
+
+def _layer_names(names) -> list[str]:
+    chosen = sorted(LAYERS) if names is None else list(names)
+    unknown = [name for name in chosen if name not in LAYERS]
+    if unknown or not chosen:
+        raise ValueError(
+            f"layers: `names` must be a non-empty selection of jacobprop.LAYERS "
+            f"{sorted(LAYERS)}, got {names!r}"
+        )
+    return chosen
+
+
+@st.composite
+def layers(draw, input_dim: int | None = None, *, names=None, dtype=np.float64,
+           max_dim: int = 5) -> Layer:
+    """A registered layer built with `Layer.example`.
+
+    Parameters
+    ----------
+    input_dim : int, optional
+        Features the layer must take; drawn from `1..max_dim` when None
+        (width-agnostic layers ignore it; `inputs` draws their width).
+    names : iterable of str, optional
+        Restrict to these names of `jacobprop.LAYERS` (default: all of them,
+        read when the strategy is built).
+    dtype : floating dtype
+    max_dim : int
+    """
+    name = draw(st.sampled_from(_layer_names(names)))
+    width = input_dim if input_dim is not None else draw(st.integers(1, max_dim))
+    rng = np.random.default_rng(draw(seeds()))
+    return LAYERS[name].example(width, rng=rng, dtype=dtype)
+
+
+@st.composite
+def sequentials(draw, min_depth: int = 1, max_depth: int = 4, widths=(1, 5), *,
+                names=None, dtype=np.float64, nested: bool = True) -> Sequential:
+    """A `Sequential` of `min_depth..max_depth` registered layers.
+
+    Parameters
+    ----------
+    min_depth, max_depth : int
+        Number of leaf layers.
+    widths : (int, int)
+        Range of the network's input width.
+    names : iterable of str, optional
+        Restrict the layers to these registry names.
+    dtype : floating dtype
+    nested : bool
+        Sometimes wrap a run of layers in an inner `Sequential`, which must
+        behave exactly like the flat stack.
+
+    Notes
+    -----
+    The width is threaded through the stack: layer k is built with
+    `example(width_k)` and `width_{k+1} = layer_k.output_dim(width_k)`, so a
+    width-agnostic first layer still gets a definite width.
+    """
+    chosen = _layer_names(names)
+    depth = draw(st.integers(min_depth, max_depth))
+    width = draw(st.integers(*widths))
+    rng = np.random.default_rng(draw(seeds()))
+    stack = []
+    for _ in range(depth):
+        layer = LAYERS[draw(st.sampled_from(chosen))].example(width, rng=rng, dtype=dtype)
+        stack.append(layer)
+        width = layer.output_dim(width)
+    if nested and depth >= 2 and draw(st.booleans()):
+        start = draw(st.integers(0, depth - 2))
+        stop = draw(st.integers(start + 2, depth))
+        stack[start:stop] = [Sequential(*stack[start:stop])]
+    return Sequential(*stack)
+
+
+@st.composite
+def inputs(draw, layer_or_net: Layer, batch: int | None = None, *, input_dim: int | None = None,
+           dtype=np.float64, margin: float = DEFAULT_MARGIN, scales=DEFAULT_SCALES,
+           max_batch: int = 4, max_dim: int = 5) -> np.ndarray:
+    """An input `(B, n)` for `layer_or_net`, clear of every kink and saturated region.
+
+    Parameters
+    ----------
+    layer_or_net : Layer
+        A layer or (nested) `Sequential`.
+    batch : int, optional
+        B; drawn from `1..max_batch` when None.
+    input_dim : int, optional
+        n for a width-agnostic layer; drawn from `1..max_dim` when None.
+    dtype : floating dtype
+    margin : float
+        See `input_problems`.
+    scales : sequence of float
+        Standard deviations to draw from.
+
+    Notes
+    -----
+    The entries come from `numpy.random.default_rng(seed)` for a drawn seed
+    (fast, and shrinking still reaches small seeds); see `draw_input` for how
+    kinks and saturation are kept clear. An example for which no clear input
+    turns up is rejected, which the registered layers make rare.
+    """
+    if batch is None:
+        batch = draw(st.integers(1, max_batch))
+    if layer_or_net.input_dim is None and input_dim is None:
+        input_dim = draw(st.integers(1, max_dim))
+    scale = draw(st.sampled_from(list(scales)))
+    rng = np.random.default_rng(draw(seeds()))
+    try:
+        return draw_input(layer_or_net, batch, rng=rng, input_dim=input_dim, dtype=dtype,
+                          scale=scale, margin=margin)
+    except NoValidInput:
+        st.reject()
+
+
+@st.composite
+def losses(draw, *, names=None, reductions=("mean", "sum")) -> Loss:
+    """A registered loss (from `jacobprop.LOSSES`) with a drawn reduction."""
+    chosen = sorted(LOSSES) if names is None else list(names)
+    cls = LOSSES[draw(st.sampled_from(chosen))]
+    return cls(reduction=draw(st.sampled_from(list(reductions))))
+
+
+@st.composite
+def targets(draw, loss: Loss, out_shape: tuple[int, int], *, dtype=np.float64):
+    """A valid target for `loss` on outputs of shape `out_shape` `(B, m)`.
+
+    Uses `loss.example_target`, so each loss class states its own valid
+    targets (labels for SoftmaxCrossEntropy, `[0, 1]` for BinaryCrossEntropy).
+    """
+    rng = np.random.default_rng(draw(seeds()))
+    return loss.example_target(tuple(out_shape), rng=rng, dtype=dtype)
