@@ -48,8 +48,10 @@ CHECKS = (
 FD_RTOL = 1e-6
 #: Relative tolerance between two analytic float64 computations of one quantity.
 EXACT_RTOL = 1e-10
+_EXACT = {"rtol": EXACT_RTOL, "labels": ("got", "expected")}
 #: Relative tolerance of the float32 copy against float64 on the same rounded values.
 FLOAT32_RTOL = 1e-4
+_LOW = {"rtol": FLOAT32_RTOL, "labels": ("float32", "float64")}
 
 _FLOAT64 = np.dtype(np.float64)
 _FLOAT32 = np.dtype(np.float32)
@@ -88,12 +90,14 @@ class _Contract:
             f"{self.x_shape}:\n  {detail}"
         )
 
-    def compare(self, check, what, analytic, numeric, axes, *, rtol, atol=None):
+    def compare(self, check, what, analytic, numeric, axes, *, rtol, atol=None,
+                labels=("analytic", "numeric")):
         """Fail unless `|analytic - numeric| <= atol + rtol * |numeric|` entrywise.
 
         With `atol=None` it is `rtol * max(|numeric|, |analytic|)`: entries are
         judged against the scale of the whole array, so rounding in tiny
-        entries does not count but any O(1) error does.
+        entries does not count but any O(1) error does. `labels` name the two
+        sides in the message (finite differences are "numeric").
         """
         analytic = np.asarray(analytic)
         numeric = np.asarray(numeric)
@@ -104,7 +108,7 @@ class _Contract:
         if not np.isfinite(analytic).all():
             index = tuple(np.argwhere(~np.isfinite(analytic))[0])
             self.fail(check, f"{what}: non-finite entry {_where(index, axes)} = "
-                             f"{analytic[index]!r}")
+                             f"{float(analytic[index])!r}")
         a = analytic.astype(np.float64)
         n = numeric.astype(np.float64)
         if atol is None:
@@ -115,8 +119,8 @@ class _Contract:
         if excess[index] > 0:
             self.fail(
                 check,
-                f"{what}: worst entry {_where(index, axes)}: analytic {a[index]!r}, "
-                f"numeric {n[index]!r} (|diff| {abs(a[index] - n[index]):.3g} > "
+                f"{what}: worst entry {_where(index, axes)}: {labels[0]} {float(a[index])!r}, "
+                f"{labels[1]} {float(n[index])!r} (|diff| {abs(a[index] - n[index]):.3g} > "
                 f"tolerance {tolerance[index]:.3g}; rtol={rtol:g}, atol={atol:.3g})",
             )
 
@@ -235,26 +239,26 @@ def _check_point(contract: _Contract, layer: Layer, x: np.ndarray, rng) -> None:
 
     g = rng.standard_normal((batch, m))
     gx, grads = layer.vjp(cache, g)
-    check, exact = "vjp vs jacobian", EXACT_RTOL
+    check = "vjp vs jacobian"
     contract.compare(check, "vjp(cache, g)[0]", gx, np.einsum("bm,bmn->bn", g, dense),
-                     ("sample", "input"), rtol=exact)
+                     ("sample", "input"), **_EXACT)
     contract.compare(check, "jacobian(cache).vjp(g)", jac.vjp(g),
-                     np.einsum("bm,bmn->bn", g, dense), ("sample", "input"), rtol=exact)
+                     np.einsum("bm,bmn->bn", g, dense), ("sample", "input"), **_EXACT)
     if set(grads) != set(params):
         contract.fail(check, f"vjp returned parameter gradients {sorted(grads)}, the layer's "
                              f"params are {sorted(params)}")
     for name, value in params.items():
         expected = np.einsum("bm,bmp->p", g, param_dense[name]).reshape(value.shape)
         contract.compare(check, f"vjp gradient of {name!r} vs g @ dy/dvec({name})",
-                         grads[name], expected, ("entry",) * value.ndim, rtol=exact)
+                         grads[name], expected, ("entry",) * value.ndim, **_EXACT)
 
     v = rng.standard_normal((batch, n))
     check = "jvp vs jacobian"
     expected = np.einsum("bmn,bn->bm", dense, v)
     contract.compare(check, "jvp(cache, v)", layer.jvp(cache, v), expected,
-                     ("sample", "output"), rtol=exact)
+                     ("sample", "output"), **_EXACT)
     contract.compare(check, "jacobian(cache).jvp(v)", jac.jvp(v), expected,
-                     ("sample", "output"), rtol=exact)
+                     ("sample", "output"), **_EXACT)
 
     # The dot test ties jvp and vjp together without trusting the dense Jacobian.
     u, w = rng.standard_normal((batch, n)), rng.standard_normal((batch, m))
@@ -299,7 +303,7 @@ def _check_forward(contract, layer, x):
 
 
 def _check_batch_independence(contract, layer, x, y, dense, rng) -> None:
-    check, exact = "batch independence", EXACT_RTOL
+    check = "batch independence"
     batch = x.shape[0]
 
     def outputs_and_blocks(points):
@@ -309,22 +313,22 @@ def _check_batch_independence(contract, layer, x, y, dense, rng) -> None:
     perm = rng.permutation(batch) if batch > 1 else np.arange(batch)
     out, blocks = outputs_and_blocks(x[perm])
     contract.compare(check, "f(x[perm]) vs f(x)[perm]", out, y[perm], ("sample", "output"),
-                     rtol=exact)
+                     **_EXACT)
     contract.compare(check, "J(x[perm]) vs J(x)[perm]", blocks, dense[perm],
-                     ("sample", "output", "input"), rtol=exact)
+                     ("sample", "output", "input"), **_EXACT)
     for i in range(batch):
         out, blocks = outputs_and_blocks(x[i:i + 1])
         contract.compare(check, f"sample {i} alone vs in the batch: output", out, y[i:i + 1],
-                         ("sample", "output"), rtol=exact)
+                         ("sample", "output"), **_EXACT)
         contract.compare(check, f"sample {i} alone vs in the batch: Jacobian block", blocks,
-                         dense[i:i + 1], ("sample", "output", "input"), rtol=exact)
+                         dense[i:i + 1], ("sample", "output", "input"), **_EXACT)
     # Other samples next to the batch must not move it either.
     others = draw_input(layer, batch + 1, rng=rng, input_dim=x.shape[1], scale=1.0)
     out, blocks = outputs_and_blocks(np.concatenate([x, others]))
     contract.compare(check, "f(x) inside a larger batch vs f(x)", out[:batch], y,
-                     ("sample", "output"), rtol=exact)
+                     ("sample", "output"), **_EXACT)
     contract.compare(check, "J(x) inside a larger batch vs J(x)", blocks[:batch], dense,
-                     ("sample", "output", "input"), rtol=exact)
+                     ("sample", "output", "input"), **_EXACT)
 
 
 def _step(values: np.ndarray) -> np.ndarray:
@@ -406,11 +410,10 @@ def _check_float32(contract: _Contract, layer: Layer, x64: np.ndarray, rng) -> N
             contract.fail(check, f"with float32 parameters and input, {what} is {dtype}, "
                                  f"expected float32 (a layer keeping arrays outside `params` "
                                  f"can opt out with float32=False)")
-    rtol = FLOAT32_RTOL
-    contract.compare(check, "forward output", y32, y, ("sample", "output"), rtol=rtol)
+    contract.compare(check, "forward output", y32, y, ("sample", "output"), **_LOW)
     contract.compare(check, "dy/dx", jac32.to_dense(), high.jacobian(cache).to_dense(),
-                     ("sample", "output", "input"), rtol=rtol)
-    contract.compare(check, "vjp input gradient", gx32, gx, ("sample", "input"), rtol=rtol)
+                     ("sample", "output", "input"), **_LOW)
+    contract.compare(check, "vjp input gradient", gx32, gx, ("sample", "input"), **_LOW)
     for name, value in params32.items():
         contract.compare(check, f"vjp gradient of {name!r}", grads32[name], grads[name],
-                         ("entry",) * value.ndim, rtol=rtol)
+                         ("entry",) * value.ndim, **_LOW)
