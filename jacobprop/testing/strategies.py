@@ -144,8 +144,9 @@ def input_problems(layer: Layer, x: np.ndarray, margin: float = DEFAULT_MARGIN) 
         near = item.live & (item.distance < margin)
         if near.any():
             b, j = np.argwhere(near)[0]
+            value = float(item.z[b, j])
             problems.append(
-                f"{name}: input [{b}, {j}] = {item.z[b, j]!r} is within {margin} of a kink "
+                f"{name}: input [{b}, {j}] = {value!r} is within {margin} of a kink "
                 f"{type(item.layer).kinks}"
             )
         saturation = type(item.layer).saturation
@@ -153,8 +154,9 @@ def input_problems(layer: Layer, x: np.ndarray, margin: float = DEFAULT_MARGIN) 
             beyond = item.live & (np.abs(item.z) > saturation)
             if beyond.any():
                 b, j = np.argwhere(beyond)[0]
+                value = float(item.z[b, j])
                 problems.append(
-                    f"{name}: input [{b}, {j}] = {item.z[b, j]!r} is beyond the saturation "
+                    f"{name}: input [{b}, {j}] = {value!r} is beyond the saturation "
                     f"|z| <= {saturation}"
                 )
     return problems
