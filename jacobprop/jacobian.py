@@ -246,7 +246,7 @@ class GeneralJacobian(Jacobian):
     def _sum_vjp(self, g):
         # One matmul over the flattened batch instead of B small ones.
         batch, m, n = self.shape
-        return g.reshape(1, batch * m) @ self.data.reshape(batch * m, n)
+        return g.reshape(batch * m) @ self.data.reshape(batch * m, n)
 
     def _batch_sum(self):
         return self.data.sum(axis=0)
@@ -805,7 +805,7 @@ def multiply_chain(ops: list[Jacobian], order: str = "auto") -> Jacobian:
     """`ops[0] @ ops[1] @ ... @ ops[-1]` in the given `order` (see `chain_cost`)."""
     if not ops:
         raise ValueError("multiply_chain: need at least one operator")
-    for left, right in zip(ops[:-1], ops[1:]):
+    for left, right in zip(ops[:-1], ops[1:], strict=True):
         _check_composable(left, right)
     _, tree = chain_cost(ops, order)
 

@@ -16,7 +16,7 @@ from scipy.special import expit, log_expit
 
 from .errors import ShapeError, check_batch_matrix
 from .jacobian import GeneralJacobian
-from .layers.activations import log_tiny
+from .layers.activations import stable_exp_shifted
 
 __all__ = [
     "Loss",
@@ -89,7 +89,8 @@ class Loss:
         """Combine per-sample losses into `L` (so `value == reduce(per_sample)`)."""
         return self._reduce(np.asarray(per_sample))
 
-    def example_target(self, shape: tuple[int, int], *, rng: np.random.Generator, dtype=np.float64):
+    def example_target(self, shape: tuple[int, int], *, rng: np.random.Generator,
+                       dtype=np.float64):
         """A valid random target for outputs of `shape` `(B, m)`."""
         return rng.standard_normal(shape).astype(dtype)
 
@@ -211,7 +212,7 @@ class SoftmaxCrossEntropy(Loss):
             if fractional.size:
                 index = fractional[0]
                 raise ValueError(
-                    f"{where}: class labels `t` must be integers, got t[{index}] = {t[index]!r}"
+                    f"{where}: class labels `t` must be integers, got t[{index}] = {t[index]}"
                 )
         if t.dtype != np.intp:
             t = t.astype(np.intp)
@@ -235,7 +236,7 @@ class SoftmaxCrossEntropy(Loss):
             row, col = np.argwhere(t < 0)[0]
             raise ValueError(
                 f"{where}: probability targets must be non-negative, got t[{row}, {col}] = "
-                f"{t[row, col]!r}"
+                f"{t[row, col]}"
             )
         sums = t.sum(axis=1)
         tolerance = np.sqrt(np.finfo(t.dtype).eps) * t.shape[1]
@@ -243,16 +244,14 @@ class SoftmaxCrossEntropy(Loss):
         if off.size:
             raise ValueError(
                 f"{where}: each probability row of `t` must sum to 1, row {off[0]} sums to "
-                f"{sums[off[0]]!r}"
+                f"{sums[off[0]]}"
             )
         return t
 
     @staticmethod
     def _shifted_exp(y):
-        """`(y - max_i, exp(y - max_i), row sums of the exp)`, clipped against underflow."""
-        shifted = y - y.max(axis=1, keepdims=True)
-        exps = np.maximum(shifted, log_tiny(y.dtype))
-        np.exp(exps, out=exps)
+        """`(y - rowmax, exp(y - rowmax), row sums of the exp)`."""
+        shifted, exps = stable_exp_shifted(y)
         return shifted, exps, exps.sum(axis=1)
 
     def _per_sample(self, y, t):
@@ -301,7 +300,7 @@ class BinaryCrossEntropy(Loss):
         if bad.any():
             row, col = np.argwhere(bad)[0]
             raise ValueError(
-                f"{where}: targets must lie in [0, 1], got t[{row}, {col}] = {t[row, col]!r}"
+                f"{where}: targets must lie in [0, 1], got t[{row}, {col}] = {t[row, col]}"
             )
         return t
 

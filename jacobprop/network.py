@@ -112,7 +112,7 @@ class Sequential(Layer):
         """The live parameter arrays (no copies), keyed `"<index>.<name>"`, in layer order."""
         return {
             keys[name]: value
-            for layer, keys in zip(self._layers, self._keys)
+            for layer, keys in zip(self._layers, self._keys, strict=True)
             for name, value in layer.params.items()
         }
 
@@ -156,12 +156,12 @@ class Sequential(Layer):
         return g, self._collect(reversed(per_layer))
 
     def _jvp(self, cache, v):
-        for layer, layer_cache in zip(self._layers, cache.caches):
+        for layer, layer_cache in zip(self._layers, cache.caches, strict=True):
             v = layer._jvp(layer_cache, v)
         return v
 
     def _jacobian(self, cache, order="auto"):
-        ops = [layer._jacobian(c) for layer, c in zip(self._layers, cache.caches)]
+        ops = [layer._jacobian(c) for layer, c in zip(self._layers, cache.caches, strict=True)]
         return multiply_chain(ops[::-1], order)
 
     def _param_jacobians(self, cache):
@@ -208,7 +208,9 @@ class Sequential(Layer):
             for the structures at hand (shared, diagonal, ...).
         """
         if order not in _ORDERS:
-            raise ValueError(f"Sequential.jacobian: `order` must be one of {_ORDERS}, got {order!r}")
+            raise ValueError(
+                f"Sequential.jacobian: `order` must be one of {_ORDERS}, got {order!r}"
+            )
         if isinstance(x_or_cache, SequentialCache):
             cache = x_or_cache
         else:
@@ -221,7 +223,7 @@ class Sequential(Layer):
             cache = x_or_cache
         else:
             _, cache = self._forward(self._check_input(x_or_cache))
-        ops = [layer._jacobian(c) for layer, c in zip(self._layers, cache.caches)]
+        ops = [layer._jacobian(c) for layer, c in zip(self._layers, cache.caches, strict=True)]
         return chain_cost(ops[::-1], order)[0]
 
     def value_and_grad(self, x, t, loss: Loss, mode: str = "vjp", dense: bool = False):

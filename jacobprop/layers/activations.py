@@ -27,17 +27,16 @@ class ActivationCache(NamedTuple):
     y: np.ndarray  # (B, n) output; sigmoid, tanh and softmax differentiate through it
 
 
-_LOG_TINY = {np.dtype(t): float(np.log(np.finfo(t).tiny)) for t in (np.float16, np.float32,
-                                                                     np.float64, np.longdouble)}
+def stable_exp_shifted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(x - rowmax, exp(x - rowmax))` for `(B, n)` logits of any finite magnitude.
 
-
-def log_tiny(dtype) -> float:
-    """The most negative exponent whose exp is still a normal number of `dtype`.
-
-    Clipping exp's argument here keeps underflow from raising under
-    `np.errstate(all="raise")`; the values lost are below `tiny` anyway.
+    The exponent is never positive, so nothing overflows; terms below the
+    smallest normal number become exact zeros rather than raising under a
+    caller's `np.errstate(all="raise")` (that underflow is the right answer).
     """
-    return _LOG_TINY[dtype]
+    shifted = x - x.max(axis=1, keepdims=True)
+    with np.errstate(under="ignore"):
+        return shifted, np.exp(shifted)
 
 
 class Elementwise(Layer):
@@ -238,9 +237,6 @@ class Softmax(Layer):
 
 def softmax(x: np.ndarray) -> np.ndarray:
     """Row-wise softmax of `(B, n)` logits, stable for any finite magnitude."""
-    shifted = x - x.max(axis=1, keepdims=True)
-    np.maximum(shifted, log_tiny(x.dtype), out=shifted)
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=1, keepdims=True)
-    return shifted
-
+    _, exps = stable_exp_shifted(x)
+    exps /= exps.sum(axis=1, keepdims=True)
+    return exps
