@@ -181,6 +181,10 @@ class Jacobian:
     def _batch_sum(self) -> np.ndarray:
         return self._to_dense().sum(axis=0)
 
+    def _dense_view(self) -> np.ndarray:
+        """The blocks as a `(B, m, n)` array that the caller only reads (may be shared)."""
+        return self._to_dense()
+
     def _apply(self, right: np.ndarray) -> np.ndarray:
         """`J_i @ R_i` for a dense stack `R` of shape `(B, n, k)` (or `(n, k)`)."""
         return self._to_dense() @ right
@@ -253,6 +257,9 @@ class GeneralJacobian(Jacobian):
 
     def _to_dense(self):
         return self.data.copy()
+
+    def _dense_view(self):
+        return self.data
 
     def _transpose(self):
         return GeneralJacobian(self.data.swapaxes(1, 2))
@@ -588,11 +595,11 @@ class KroneckerJacobian(Jacobian):
         batch, k, p = self.left.shape
         if isinstance(self.left, IdentityJacobian):
             return np.kron(np.eye(p, dtype=self.dtype), self.x.sum(axis=0)[None, :])
-        left = self.left._to_dense().reshape(batch, k * p)
+        left = self.left._dense_view().reshape(batch, k * p)
         return (left.T @ self.x).reshape(k, -1)
 
     def _to_dense(self):
-        left = self.left._to_dense()
+        left = self.left._dense_view()
         dense = left[:, :, :, None] * self.x[:, None, None, :]
         return dense.reshape(self.shape)
 
@@ -697,9 +704,9 @@ def _compose(left: Jacobian, right: Jacobian) -> Jacobian:
         elif isinstance(right, GeneralJacobian):
             result = GeneralJacobian(left._apply(right.data))
         elif _dense_size(right) <= _dense_size(left):
-            result = GeneralJacobian(left._apply(right._to_dense()))
+            result = GeneralJacobian(left._apply(right._dense_view()))
         else:
-            result = GeneralJacobian(right._rapply(left._to_dense()))
+            result = GeneralJacobian(right._rapply(left._dense_view()))
     return result
 
 
