@@ -10,6 +10,7 @@ plain NumPy, no validation, in-place where it is free.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 from scipy.special import expit
@@ -88,7 +89,7 @@ class MLPSpec:
     @property
     def n_params(self) -> int:
         sizes = self.sizes
-        return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+        return sum((a + 1) * b for a, b in pairwise(sizes))
 
     def label(self) -> str:
         arch = "-".join(str(s) for s in self.sizes)
@@ -112,7 +113,7 @@ def build_mlp(spec: MLPSpec, *, rng: np.random.Generator):
     dtype = np.dtype(spec.dtype)
     sizes = spec.sizes
     layers = []
-    for index, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for index, (n_in, n_out) in enumerate(pairwise(sizes)):
         layers.append(Dense(n_in, n_out, rng=rng, dtype=dtype))
         if index < spec.depth - 1:
             layers.append(LAYERS[spec.activation]())
@@ -130,7 +131,7 @@ def dense_weights(net) -> list[tuple[np.ndarray, np.ndarray]]:
 def forward_flops(spec: MLPSpec) -> float:
     """Matmul flops of one forward pass: `sum_l 2 B n_l m_l`."""
     sizes = spec.sizes
-    return float(sum(2 * spec.batch * a * b for a, b in zip(sizes[:-1], sizes[1:])))
+    return float(sum(2 * spec.batch * a * b for a, b in pairwise(sizes)))
 
 
 def grad_flops(spec: MLPSpec) -> float:
@@ -140,7 +141,7 @@ def grad_flops(spec: MLPSpec) -> float:
     layer against O(B width^2) for the products.
     """
     sizes = spec.sizes
-    per_layer = [2 * spec.batch * a * b for a, b in zip(sizes[:-1], sizes[1:])]
+    per_layer = [2 * spec.batch * a * b for a, b in pairwise(sizes)]
     return float(2 * sum(per_layer) + sum(per_layer[1:]))
 
 
@@ -276,7 +277,7 @@ def relative_deviation(got, want) -> float:
     elif isinstance(want, np.ndarray) or np.isscalar(want):
         got, want = [got], [want]
     worst = 0.0
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         a = np.asarray(a, dtype=np.float64)
         b = np.asarray(b, dtype=np.float64)
         scale = float(np.max(np.abs(b))) if b.size else 0.0

@@ -23,8 +23,9 @@ import platform
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -151,12 +152,20 @@ def measure_group(
 
     Returns
     -------
-    dict path -> Timing
+    dict path -> Timing, or path -> str (the error) for a path that raised
     """
-    runnable = [case for case in cases if case.skip is None]
+    runnable = []
     warm = {}
-    for case in runnable:
-        result, seconds, peak = _traced_call(case.fn, case.traced)
+    failures = {}
+    for case in cases:
+        if case.skip is not None:
+            continue
+        try:
+            result, seconds, peak = _traced_call(case.fn, case.traced)
+        except Exception as error:  # a crashing path becomes a result row
+            failures[case.path] = f"{type(error).__name__}: {error}"
+            continue
+        runnable.append(case)
         if seconds < 0.5:
             seconds = _time(case.fn, 1)
         number = max(1, math.ceil(MIN_SAMPLE_SECONDS / max(seconds, 1e-9)))
@@ -171,11 +180,13 @@ def measure_group(
                 samples[case.path].append(_time(case.fn, number))
                 if on_sample is not None:
                     on_sample()
-    return {
+    timings: dict[str, Timing | str] = {
         case.path: Timing(samples[case.path], warm[case.path][2], warm[case.path][1],
                           warm[case.path][0])
         for case in runnable
     }
+    timings.update(failures)
+    return timings
 
 
 def planned_samples(cases: list[Case], repeats: int) -> int:
@@ -224,7 +235,7 @@ def _blas_info() -> list[dict]:
                 "source": "numpy.show_config (thread count unknown without threadpoolctl)",
             }
         ]
-    except Exception:  # noqa: BLE001 (older numpy: no dict mode; report nothing)
+    except (TypeError, KeyError, AttributeError):  # numpy < 1.25 has no dict mode
         return []
 
 
@@ -250,7 +261,21 @@ def machine_info() -> dict:
         "jacobprop": __version__,
         "blas": _blas_info(),
         "env": {key: os.environ[key] for key in env_keys if key in os.environ},
+        "load_average": load_average(),
     }
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none).
+
+    Recorded at the start of a run: a load near or above the core count means
+    other processes competed for the CPUs and multi-threaded BLAS timings
+    suffer most.
+    """
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def matmul_peak(dtype: str, size: int = 1024, tries: int = 3) -> float:

@@ -1,0 +1,206 @@
+"""Rendering a result document: the text table and the PNG scaling plot."""
+
+from __future__ import annotations
+
+__all__ = ["format_header", "format_table", "format_targets", "format_report", "write_plot",
+           "DEVIATION_FLAG"]
+
+#: Rows whose deviation exceeds this (per dtype) are flagged with "!" in the table.
+DEVIATION_FLAG = {"float64": 1e-6, "float32": 1e-2}
+
+
+def _time(seconds) -> str:
+    if seconds is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def _bytes(count) -> str:
+    if count is None:
+        return "n/a"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.3g} {unit}"
+    return f"{count} B"
+
+
+def _number(value, fmt) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_header(doc: dict) -> str:
+    """The machine, versions, BLAS/threads and method lines."""
+    machine = doc["machine"]
+    lines = [
+        f"jacobprop bench  ({doc['command']})",
+        f"machine : {machine['cpu']}, {machine['cores']} cores, {machine.get('platform', '')}",
+        f"versions: Python {machine['python']}, numpy {machine['numpy']}, "
+        f"scipy {machine['scipy']}, jacobprop {machine['jacobprop']}",
+    ]
+    for blas in machine["blas"] or [{"library": "unknown", "version": "?", "threads": 0,
+                                     "source": "no threadpoolctl, no numpy config"}]:
+        threads = blas["threads"] or "?"
+        described = " ".join(
+            text for text in (blas["library"], blas["version"], blas.get("architecture"))
+            if text and text not in ("None", "?")
+        )
+        lines.append(f"BLAS    : {described}, {threads} threads  [{blas['source']}]")
+    load = machine.get("load_average")
+    if load:
+        busy = "  (other processes are competing: expect noisy timings)" \
+            if load[0] > 0.75 * machine["cores"] else ""
+        lines.append(f"load    : {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start{busy}")
+    if machine["env"]:
+        env = ", ".join(f"{key}={value}" for key, value in machine["env"].items())
+        lines.append(f"env     : {env}")
+    peaks = ", ".join(f"{dtype} {value:.1f} GFLOP/s" for dtype, value in
+                      doc["matmul_peak_gflops"].items())
+    lines.append(f"matmul peak (1024^3 product, best of 3): {peaks}")
+    if doc["peers"]:
+        lines.append("peers   : " + ", ".join(f"{k} {v}" for k, v in doc["peers"].items()))
+    method = doc["method"]
+    lines.append(
+        f"method  : warm-up, {method['repeats']} interleaved rounds (slow paths: fewer, "
+        f">= 3, spread evenly), median and IQR of per-call time; "
+        f"memory = {method['memory']}"
+    )
+    return "\n".join(lines)
+
+
+_COLUMNS = ("path", "median", "IQR", "x base", "GFLOP/s", "% peak", "peak mem", "max rel dev")
+
+
+def format_table(doc: dict) -> str:
+    """One block per group: its rows with median, IQR, ratio, GFLOP/s, memory, deviation."""
+    blocks = []
+    rows_by_group = {}
+    for row in doc["rows"]:
+        rows_by_group.setdefault(row["group"], []).append(row)
+    for group in doc["groups"]:
+        title = (f"[{group['workload']}] {group['label']}  "
+                 f"(baseline: {group['baseline']}; dev vs {group['deviation_against']})")
+        extra = group.get("extra", {})
+        if "cost_estimate" in extra:
+            costs = ", ".join(f"{k} {v:.3g}" for k, v in extra["cost_estimate"].items())
+            title += f"\n  engine cost estimate (flop): {costs}"
+        table = [_COLUMNS]
+        notes = []
+        flag = DEVIATION_FLAG[group["config"]["dtype"]]
+        for row in rows_by_group.get(group["index"], []):
+            if row["status"] != "ok":
+                table.append((row["path"], row["status"]) + ("",) * 6)
+                notes.append(f"  {row['path']}: {row['status']}: {row['reason']}")
+                continue
+            deviation = row["deviation"]
+            if row["extra"].get("check_ok") is False:
+                dev_text = "CHECK FAILED"
+            elif deviation is None:
+                dev_text = "-" if row["extra"].get("ok", True) else "CHECK FAILED"
+            else:
+                dev_text = f"{deviation:.1e}" + (" !" if deviation > flag else "")
+            fraction = row["peak_fraction"]
+            table.append((
+                row["path"],
+                _time(row["median_s"]),
+                _time(row["iqr_s"]),
+                _number(row["ratio"], ".2f"),
+                _number(row["gflops"], ".3g"),
+                "-" if fraction is None else f"{100 * fraction:.0f}%",
+                _bytes(row["peak_memory_bytes"]),
+                dev_text,
+            ))
+        widths = [max(len(str(line[i])) for line in table) for i in range(len(_COLUMNS))]
+        rendered = [
+            "  " + "  ".join(str(cell).rjust(w) if i else str(cell).ljust(w)
+                             for i, (cell, w) in enumerate(zip(line, widths, strict=True)))
+            for line in table
+        ]
+        blocks.append("\n".join([title] + rendered + notes))
+    return "\n\n".join(blocks)
+
+
+def format_targets(doc: dict) -> str:
+    """The speed targets that this run measured, with their verdicts."""
+    if not doc["targets"]:
+        return ""
+    lines = ["targets:"]
+    for target in doc["targets"]:
+        if target["measured"] is None:
+            lines.append(f"  [ ?? ] {target['name']}: not measured ({target['note']})")
+            continue
+        verdict = "PASS" if target["met"] else "MISS"
+        lines.append(f"  [{verdict}] {target['name']}: {target['measured']:.2f} "
+                     f"{target['relation']} {target['limit']:g}")
+    return "\n".join(lines)
+
+
+def format_report(doc: dict) -> str:
+    """Header, tables and targets, ready to print."""
+    parts = [format_header(doc), format_table(doc)]
+    targets = format_targets(doc)
+    if targets:
+        parts.append(targets)
+    parts.append("ratio: median / the group's baseline median.  % peak: only where "
+                 "matmul-bound (batch and width >= 32).  ! = deviation above "
+                 f"{DEVIATION_FLAG['float64']:g} (float64) / {DEVIATION_FLAG['float32']:g} "
+                 f"(float32).  elapsed {doc['elapsed_s']:.1f} s")
+    return "\n\n".join(parts) + "\n"
+
+
+def _size(group: dict) -> float:
+    """The x coordinate of a group in the scaling plot."""
+    config = group["config"]
+    if group["workload"] == "gradcheck":
+        return config["n_params"]
+    sizes = [config["in_features"]] + [config["width"]] * (config["depth"] - 1) + \
+        [config["classes"]]
+    return float(sum(2 * config["batch"] * a * b for a, b in zip(sizes[:-1], sizes[1:],
+                                                                  strict=True)))
+
+
+def write_plot(doc: dict, path: str) -> None:
+    """A log-log PNG: median time per path against problem size, one panel per workload.
+
+    matplotlib is imported here, so the rest of the package does not need it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    workloads = [w for w in ("grad", "jacobian", "gradcheck")
+                 if any(g["workload"] == w for g in doc["groups"])]
+    figure, axes = plt.subplots(1, max(len(workloads), 1), figsize=(5.5 * len(workloads), 4.5),
+                                squeeze=False)
+    xlabels = {"grad": "forward matmul flops (2 B sum n_l m_l)",
+               "jacobian": "forward matmul flops (2 B sum n_l m_l)",
+               "gradcheck": "parameters checked"}
+    for axis, workload in zip(axes[0], workloads, strict=False):
+        groups = {g["index"]: g for g in doc["groups"] if g["workload"] == workload}
+        series: dict[str, list[tuple[float, float]]] = {}
+        for row in doc["rows"]:
+            if row["group"] in groups and row["status"] == "ok":
+                key = f"{row['path']} ({groups[row['group']]['config']['dtype']})"
+                series.setdefault(key, []).append((_size(groups[row["group"]]),
+                                                   row["median_s"]))
+        for key, points in sorted(series.items()):
+            points.sort()
+            xs, ys = zip(*points, strict=True)
+            axis.plot(xs, ys, marker="o", label=key)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel(xlabels[workload])
+        axis.set_ylabel("median time per call (s)")
+        axis.set_title(f"jacobprop bench {workload}")
+        axis.grid(True, which="both", alpha=0.3)
+        if series:
+            axis.legend(fontsize=7)
+    cpu = doc["machine"]["cpu"]
+    figure.suptitle(f"{doc['command']}  --  {cpu}, {doc['machine']['cores']} cores",
+                    fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
