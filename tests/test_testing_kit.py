@@ -221,15 +221,26 @@ def test_network_inputs_keep_every_live_kink_input_clear(data):
     x = data.draw(inputs(net), label="x")
     assert x.ndim == 2 and x.dtype == np.float64
     assert np.isfinite(x).all()
-    for item in kink_distances(net, x):
-        kinks = type(item.layer).kinks
+    z = x
+    checked = kink_distances(net, x)
+    for position, leaf in enumerate(flatten_layers(net)):
+        kinks, saturation = type(leaf).kinks, type(leaf).saturation
+        if kinks or saturation is not None:
+            item = checked.pop(0)
+            assert item.position == position and item.layer is leaf
+            np.testing.assert_array_equal(item.z, z)
+            gain = item.gain
+            assert gain.shape == z.shape and (gain >= 0).all()
+            if position == 0:
+                assert (gain == 1).all()
         if kinks:
-            # Recompute the distance here rather than trust kink_distances'.
-            distance = np.abs(item.z[:, :, None] - np.asarray(kinks)).min(axis=2)
-            assert (distance[item.live] >= DEFAULT_MARGIN).all()
-        saturation = type(item.layer).saturation
+            # The distance is recomputed here rather than taken from kink_distances.
+            distance = np.abs(z[:, :, None] - np.asarray(kinks)).min(axis=2)
+            assert (distance >= DEFAULT_MARGIN * gain).all()
         if saturation is not None:
-            assert (np.abs(item.z[item.live]) <= saturation).all()
+            assert (np.abs(z[gain > 0]) <= saturation).all()
+        z = leaf(z)
+    assert checked == []
 
 
 @given(x=inputs(jp.ReLU(), input_dim=6, margin=0.05))
@@ -266,6 +277,20 @@ def test_draw_input_redraws_until_deep_kinks_are_clear():
     for _ in range(20):
         x = draw_input(net, 4, rng=rng, scale=1.0)
         assert input_problems(net, x) == []
+
+
+def test_kink_margin_scales_with_the_gain_in_front_of_the_layer():
+    # LeakyReLU(0.01) twice: the second sees 0.01 x, exactly as far from its kink,
+    # relative to how far a perturbation of x moves it, as x is from the first.
+    net = jp.Sequential(jp.LeakyReLU(0.01), jp.LeakyReLU(0.01), jp.ReLU())
+    x = np.array([[-0.5, 0.002, -0.002]])
+    items = kink_distances(net, x)
+    np.testing.assert_allclose(items[1].gain, [[0.01, 1.0, 0.01]])
+    np.testing.assert_allclose(items[2].gain, [[1e-4, 1.0, 1e-4]])
+    assert input_problems(net, x) == []
+    assert input_problems(net, np.array([[-0.5, 0.0005, -0.002]]))
+    x = draw_input(net, 3, rng=np.random.default_rng(0), input_dim=4, scale=0.3)
+    assert input_problems(net, x) == []
 
 
 def test_layers_strategy_reads_the_registry(monkeypatch):

@@ -7,12 +7,13 @@ drift from the registries: a newly registered layer is drawn the moment it is
 registered.
 
 Inputs keep clear of the places where finite differences mean nothing: every
-input to a layer with `kinks` is at least `margin` away from each kink, and
-every input to a layer with a `saturation` lies within `|z| <= saturation`.
-For a network this holds at every depth (pre-activations included), except
-for entries that are locally constant (their derivative with respect to the
-network input and to every earlier parameter is exactly zero, as behind a ReLU
-that is off): those cannot cross a kink under any small perturbation.
+input to a layer with `kinks` is far enough from each kink that no input or
+parameter moved by less than `margin` carries it across (its distance is at
+least `margin` times its largest derivative in the inputs and parameters, the
+"gain"; the first layer's entries simply keep `margin`), and every input to a
+layer with a `saturation` lies within `|z| <= saturation`. For a network this
+holds at every depth, pre-activations included; entries that do not move at
+all (gain 0, as behind a ReLU that is off) cannot cross a kink and are exempt.
 
 The numpy part (`draw_input`, `kink_distances`) works without hypothesis and
 is what `assert_layer_correct` uses when it draws its own inputs.
@@ -23,6 +24,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from hypothesis import reject
 from hypothesis import strategies as st
 
 from ..layers.base import LAYERS, Layer
@@ -66,7 +68,12 @@ class LayerInputs(NamedTuple):
     layer: Layer
     z: np.ndarray  # (B, w): the layer's input
     distance: np.ndarray  # (B, w): distance of z to the nearest kink (inf when none)
-    live: np.ndarray  # (B, w) bool: False where z is locally constant in x and the params
+    gain: np.ndarray  # (B, w): max |dz/dx| and |dz/dvec(p)| over inputs and earlier params
+
+    @property
+    def live(self) -> np.ndarray:
+        """`(B, w)` bool: False where `z` does not move with the input or any parameter."""
+        return self.gain > 0
 
 
 def flatten_layers(layer: Layer) -> list[Layer]:
@@ -76,8 +83,7 @@ def flatten_layers(layer: Layer) -> list[Layer]:
     return [layer]
 
 
-def kink_distances(layer: Layer, x: np.ndarray, margin: float = DEFAULT_MARGIN
-                   ) -> list[LayerInputs]:
+def kink_distances(layer: Layer, x: np.ndarray) -> list[LayerInputs]:
     """The input of every leaf layer that declares kinks or a saturation, for input `x`.
 
     Parameters
@@ -86,22 +92,22 @@ def kink_distances(layer: Layer, x: np.ndarray, margin: float = DEFAULT_MARGIN
         A layer or a (nested) `Sequential`.
     x : ndarray `(B, n)`
         The input of `layer`.
-    margin : float
-        `live` is worked out only for layers with a distance below `margin`.
 
     Returns
     -------
     list of LayerInputs
         One entry per leaf layer with `kinks` or `saturation`, in running
-        order. `distance` is `min_k |z - kink_k|` (inf for a layer without
-        kinks). `live` is computed only when some distance is below `margin`
-        (it costs a prefix Jacobian); elsewhere it is all True.
+        order: its input `z` `(B, w)`, `distance = min_k |z - kink_k|` (inf
+        for a layer without kinks) and the `gain` of every entry.
 
     Notes
     -----
-    An entry `z[b, j]` is dead (not live) when row `(b, j)` of the prefix
+    The gain of `z[b, j]` is the largest entry of row `(b, j)` of the prefix
     Jacobian `dz/dx` `(B, w, n)` and of every prefix parameter Jacobian
-    `dz/dvec(p)` `(B, w, p.size)` is exactly zero.
+    `dz/dvec(p)` `(B, w, p.size)`, all in absolute value (1 for the first
+    layer, whose input is x). To first order, a perturbation of size h of
+    one input or parameter moves `z[b, j]` by at most `gain * h`; an entry of
+    gain 0 (behind a ReLU that is off, say) does not move at all.
     """
     leaves = flatten_layers(layer)
     found = []
@@ -114,40 +120,46 @@ def kink_distances(layer: Layer, x: np.ndarray, margin: float = DEFAULT_MARGIN
                 distance = np.abs(z[:, :, None] - kinks).min(axis=2)
             else:
                 distance = np.full(z.shape, np.inf)
-            live = np.ones(z.shape, dtype=bool)
-            if position > 0 and (distance < margin).any():
-                live = _live_entries(leaves[:position], x)
-            found.append(LayerInputs(position, leaf, z, distance, live))
+            gain = np.ones(z.shape) if position == 0 else _gains(leaves[:position], x)
+            found.append(LayerInputs(position, leaf, z, distance, gain))
         z = leaf(z)
     return found
 
 
-def _live_entries(prefix: list[Layer], x: np.ndarray) -> np.ndarray:
-    """`(B, w)` mask of the prefix outputs whose derivative is not exactly zero."""
+def _gains(prefix: list[Layer], x: np.ndarray) -> np.ndarray:
+    """`(B, w)`: the largest |derivative| of each prefix output in x and the prefix params."""
     net = Sequential(*prefix)
     _, cache = net.forward(x)
-    live = (net.jacobian(cache).to_dense() != 0).any(axis=2)
+    gain = np.abs(net.jacobian(cache).to_dense()).max(axis=2, initial=0.0)
     for op in net.param_jacobians(cache).values():
-        live |= (op.to_dense() != 0).any(axis=2)
-    return live
+        np.maximum(gain, np.abs(op.to_dense()).max(axis=2, initial=0.0), out=gain)
+    return gain
 
 
 def input_problems(layer: Layer, x: np.ndarray, margin: float = DEFAULT_MARGIN) -> list[str]:
     """Why `x` is a poor point for finite differences of `layer`; empty when it is fine.
 
-    Each string names the leaf layer, the entry and the offending value: a
-    live input closer than `margin` to a kink, or beyond `saturation`.
+    Each string names the leaf layer, the entry and the offending value.
+
+    Notes
+    -----
+    `margin` is measured in units of the network's input and parameters: an
+    entry `z` of a kinked layer's input must be at least `margin * gain` from
+    every kink (see `kink_distances`), so no input or parameter moved by less
+    than `margin` can carry it across, whatever the layers in between did to
+    its scale. Entries of gain 0 never move and are never a problem. A live
+    input of a saturating layer must satisfy `|z| <= saturation`.
     """
     problems = []
-    for item in kink_distances(layer, x, margin):
+    for item in kink_distances(layer, x):
         name = f"layer {item.position} ({item.layer!r})"
-        near = item.live & (item.distance < margin)
+        near = item.distance < margin * item.gain
         if near.any():
             b, j = np.argwhere(near)[0]
             value = float(item.z[b, j])
             problems.append(
-                f"{name}: input [{b}, {j}] = {value!r} is within {margin} of a kink "
-                f"{type(item.layer).kinks}"
+                f"{name}: input [{b}, {j}] = {value!r} is within {margin} * gain "
+                f"{float(item.gain[b, j]):.3g} of a kink {type(item.layer).kinks}"
             )
         saturation = type(item.layer).saturation
         if saturation is not None:
@@ -344,7 +356,7 @@ def inputs(draw, layer_or_net: Layer, batch: int | None = None, *, input_dim: in
         return draw_input(layer_or_net, batch, rng=rng, input_dim=input_dim, dtype=dtype,
                           scale=scale, margin=margin)
     except NoValidInput:
-        st.reject()
+        reject()
 
 
 @st.composite
