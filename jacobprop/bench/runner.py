@@ -12,6 +12,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .models import MLPSpec
 from .peers import PEERS, PeerMissing, import_peer, peer_versions, set_peer_threads
 from .schema import SCHEMA_VERSION
@@ -212,12 +214,14 @@ def _rows(index, group, timings, peaks) -> list[dict]:
 
 
 def _report_facts(result) -> dict:
-    """Plain facts a gradcheck report carries (ok, evaluation count), for `extra`."""
+    """Plain facts a check report carries (verdict, evaluations, Taylor order), for `extra`."""
     facts = {}
-    for name in ("ok", "n_evals", "n_params"):
+    for name in ("ok", "evaluations", "order", "conclusive"):
         value = getattr(result, name, None)
-        if isinstance(value, (bool, int, float)):
-            facts[name] = value
+        if isinstance(value, (bool, int, float, np.integer, np.floating, np.bool_)):
+            value = value.item() if hasattr(value, "item") else value
+            if not isinstance(value, float) or math.isfinite(value):
+                facts[name] = value
     return facts
 
 

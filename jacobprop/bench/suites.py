@@ -47,7 +47,7 @@ SUITES = {
             ("grad", MLPSpec(batch=128, width=512), ()),
             ("jacobian", MLPSpec(batch=8, width=64, depth=3), ()),
             ("jacobian", MLPSpec(batch=32, width=128, depth=3, in_features=512), ()),
-            ("gradcheck", GRADCHECK_TARGET, ()),
+            ("gradcheck", MLPSpec(batch=8, width=32, depth=3, in_features=16), ()),
         ),
         repeats=9,
         budget_seconds=0.6,
