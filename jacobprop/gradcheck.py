@@ -41,16 +41,21 @@ test is *accepted at a kink* when, and only when,
    a kink several layers deeper; or the loss is within reach of its named
    kink (for "zero error": `|L(p)| <= |L(p +- h e_j) - L(p)|`); and
 2. the analytic value lies, up to the tolerance plus a first-order slack
-   `100 h (|slopes| + floor)`, between the one-sided slopes. Two estimates are
-   tried: the one-sided differences `(L(p+h) - L(p)) / h` and
-   `(L(p) - L(p-h)) / h`; and, for an elementwise kinked layer, a per-element
-   split at the first kinked layer the perturbation reaches: every element
-   that crosses a kink is moved alone (the others stay put) and contributes
-   the interval of its own one-sided slopes, the rest move together. The
-   split is what makes many elements at a kink at once (a Dense
-   pre-activation that is exactly 0 for a whole sample, moved by one input
-   in both directions) never flagged for a correct layer, although the
-   network's one-sided slopes there need not bracket the convention.
+   `100 h (|slopes| + floor)`, inside an interval of admissible derivatives:
+   either between the one-sided differences `(L(p+h) - L(p)) / h` and
+   `(L(p) - L(p-h)) / h`, or inside the *interval chain rule* at the first
+   kinked elementwise layer the perturbation reaches. There `dL/dt` splits
+   into the part through the elements that stay on their side, plus, for
+   every element c that reaches a kink, the product of three intervals: the
+   rate `dz_c/dt` on either side of `t = 0`, the activation's one-sided
+   slopes at `z_c`, and the one-sided derivatives of the rest of the network
+   with respect to the element's output `a_c` (themselves split again where
+   they reach a deeper kink). Every choice of slope between the one-sided
+   ones at every kink element lands inside; that is what keeps many elements
+   at a kink at once (a Dense pre-activation exactly 0 for a whole sample,
+   moved by one input in both directions; zero pre-activations in several
+   layers at once) from ever being flagged for a correct layer, although the
+   network's own one-sided slopes need not bracket the convention there.
 
 The report counts the entries accepted this way; they are left out of the
 error columns.
@@ -112,7 +117,7 @@ _NOISE = 1e3  # rounding of one loss evaluation, in units of eps * |L| / h
 _KINK_SLACK = 1e2  # one-sided slopes are first-order accurate: slack 100 * h, relative
 _CONSISTENCY = 1e3  # analytic vs analytic: 1e3 * eps(dtype) * sum of |terms|
 _CHUNK = 1 << 21  # elements of one batched array (16 MiB in float64)
-_MAX_SPLIT = 512  # crossing elements split one by one at most
+_SPLIT_BUDGET = 4096  # evaluations the kink split may spend on one entry
 _DIRECTIONS = 2  # random directions per entry in fast mode
 _TAYLOR_POINTS = 5  # smallest usable steps the Taylor order is fitted on
 _TAYLOR_STEPS = 2.0 ** -np.arange(0, 31)
@@ -603,38 +608,77 @@ def _input_differences(ev, losses, step, richardson):
     return _combine(d, h, richardson, reach), len(d) * n
 
 
-def _split_interval(ev, losses, start, plus, minus, h):
-    """`(lo, hi, magnitude, evaluations)` of the per-element kink split, or None.
+def _kink_interval(ev, losses, start, plus, minus, h, budget):
+    """`(lo, hi, magnitude)` bounding every derivative a kink convention can give, or None.
 
-    At the first kinked (elementwise) leaf the perturbation reaches, each crossing
-    element is moved alone; the others move together ("smooth" part). Each piece
-    contributes the interval of its one-sided slopes.
+    `plus`, `minus` (B, w) are the inputs of leaf `start` at `t = +h` and `-h`
+    along the perturbation. At the first kinked elementwise leaf they reach,
+    `dL/dt` is split by the chain rule into the part through the elements
+    that stay on their side (their one-sided slopes, or a deeper split) and,
+    for every element c that reaches a kink, the product of three intervals:
+    the rate `dz_c/dt` on either side of `t = 0`, the activation's one-sided
+    slopes at `z_c`, and the one-sided derivatives `dL/da_c` of the rest of
+    the network with respect to the element's output (split again when they
+    reach a kink deeper down). Any choice of slope inside `[left, right]` at
+    every kink element gives a value inside the sum of these intervals.
+    `budget` (a one-element list) caps the evaluations spent.
     """
     found = ev.first_crossing(start, plus, minus)
     if found is None:
         return None
     index, zp, zm, crossed = found
+    work = ev.leaves[index].work
     elements = np.argwhere(crossed)
-    if not ev.leaves[index].work.elementwise or len(elements) > _MAX_SPLIT:
-        return None
-    z0 = ev.acts[index]
-    dp, dm = zp - z0, zm - z0
     count = len(elements)
-    blocks = np.repeat(z0[None], 2 + 2 * count, axis=0)
-    blocks[0] += np.where(crossed, 0.0, dp)
-    blocks[1] += np.where(crossed, 0.0, dm)
+    if not work.elementwise or 2 + 4 * count > budget[0]:
+        return None
+    budget[0] -= 2 + 4 * count
+    z0, a0 = ev.acts[index], ev.acts[index + 1]
+    batch = z0.shape[0]
     sample, feature = elements.T
-    pieces = np.arange(count)
-    blocks[2 + pieces, sample, feature] += dp[sample, feature]
-    blocks[2 + count + pieces, sample, feature] += dm[sample, feature]
-    y, _ = ev.run(index, blocks)
+    pick = np.arange(count)
+
+    # The elements that stay on their side of every kink move together.
+    smooth = np.stack([z0 + np.where(crossed, 0.0, zp - z0), z0 + np.where(crossed, 0.0, zm - z0)])
+    y, deeper = ev.run(index, smooth)
     d = losses.diffs(losses.per_sample(y))
-    smooth = np.array([d[0] / h, -d[1] / h])
-    right, left = d[2:2 + count] / h, -d[2 + count:] / h
-    lo = smooth.min() + np.minimum(right, left).sum()
-    hi = smooth.max() + np.maximum(right, left).sum()
-    magnitude = np.abs(smooth).sum() + np.abs(right).sum() + np.abs(left).sum()
-    return lo, hi, magnitude, len(blocks)
+    lo, hi = min(d[0] / h, -d[1] / h), max(d[0] / h, -d[1] / h)
+    magnitude = abs(d[0] / h) + abs(d[1] / h)
+    if deeper.any():
+        inner = _kink_interval(ev, losses, index, smooth[0], smooth[1], h, budget)
+        if inner is not None:
+            lo, hi, magnitude = inner
+
+    # dz_c/dt on both sides of t = 0.
+    rates = np.stack([(zp - z0)[sample, feature] / h, -(zm - z0)[sample, feature] / h])
+    # The activation's one-sided slopes at z_c, over the perturbation's reach.
+    reach = np.maximum(np.abs(zp - z0), np.abs(zm - z0))[sample, feature]
+    rows = np.repeat(z0[None], 2 * count, axis=0)
+    rows[pick, sample, feature] += reach
+    rows[count + pick, sample, feature] -= reach
+    out = work.forward(rows.reshape(2 * count * batch, -1))[0].reshape(2 * count, batch, -1)
+    base = a0[sample, feature]
+    slopes = np.stack([(out[pick, sample, feature] - base) / reach,
+                       (base - out[count + pick, sample, feature]) / reach])
+    # dL/da_c, one-sided, through the rest of the network.
+    eps = CENTRAL_STEP * np.maximum(1.0, np.abs(base))
+    rows = np.repeat(a0[None], 2 * count, axis=0)
+    rows[pick, sample, feature] += eps
+    rows[count + pick, sample, feature] -= eps
+    y, deeper = ev.run(index + 1, rows)
+    d = losses.diffs(losses.per_sample(y))
+    downstream = np.stack([d[:count] / eps, -d[count:] / eps])
+    down_lo, down_hi = downstream.min(axis=0), downstream.max(axis=0)
+    for c in np.flatnonzero(deeper[:count].any(axis=1) | deeper[count:].any(axis=1)):
+        inner = _kink_interval(ev, losses, index + 1, rows[c], rows[count + c], eps[c], budget)
+        if inner is not None:
+            down_lo[c], down_hi[c] = inner[0], inner[1]
+    # The product of three intervals is extreme at one of its eight vertices.
+    vertices = np.stack([r * s * g for r in rates for s in slopes for g in (down_lo, down_hi)])
+    lo += vertices.min(axis=0).sum()
+    hi += vertices.max(axis=0).sum()
+    magnitude += np.abs(vertices).max(axis=0).sum()
+    return lo, hi, magnitude
 
 
 def _judge(a, diff: _Differences, tol, slack_unit, floor, losses=None, split=None):
@@ -654,11 +698,12 @@ def _judge(a, diff: _Differences, tol, slack_unit, floor, losses=None, split=Non
     if split is not None:
         layer_reach = diff.reach.reshape(-1)
         for coord in np.flatnonzero(~passed & ~accepted & layer_reach):
-            interval = split(coord)
+            budget = [_SPLIT_BUDGET]
+            interval = split(coord, budget)
+            evaluations += _SPLIT_BUDGET - budget[0]
             if interval is None:
                 continue
-            lo, hi, magnitude, cost = interval
-            evaluations += cost
+            lo, hi, magnitude = interval
             margin = tol[coord] + slack_unit * (magnitude + floor)
             if lo - margin <= a[coord] <= hi + margin:
                 accepted[coord] = True
@@ -932,36 +977,36 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     evaluations = 0
 
     # -- finite differences of the forward pass ------------------------------------------
-    fd = []  # (name, analytic, numeric, fwd, bwd, reach, h, shape)
+    fd = []  # (name, analytic, differences, |terms| of the analytic products, shape)
     if fast:
-        for j in range(_DIRECTIONS):
-            direction = rng.standard_normal((batch, n)) * np.maximum(1.0, np.abs(ev.acts[0]))
-            outs = {}
-            for s in _scales(richardson):
-                out, crossed = ev.run(0, (ev.acts[0] + s * step * direction)[None])
-                outs[s] = (out[0] - y0, crossed[0])
-            evaluations += len(outs)
-            reach = np.broadcast_to((outs[1.0][1] | outs[-1.0][1])[:, None], (batch, m))
-            diff = _combine({s: o[0] for s, o in outs.items()}, step, richardson, reach)
-            analytic = np.einsum("bmn,bn->bm", dense, direction)
-            fd.append((f"dy/dx [{j}]", analytic, diff, np.einsum(
-                "bmn,bn->bm", np.abs(dense), np.abs(direction)), (batch, m)))
-        for key, pd in param_dense.items():
-            index, name = locate[key]
-            p = ev.leaves[index].work.params[name]
+        targets = [("dy/dx", None, None, dense)] + [
+            (f"dy/d{key}", *locate[key], pd) for key, pd in param_dense.items()
+        ]
+        shape = (_DIRECTIONS, batch, m)
+        for label, index, name, jac_dense in targets:
+            base = ev.acts[0] if index is None else ev.leaves[index].work.params[name]
+            d = {s: np.empty(shape) for s in _scales(richardson)}
+            reach = np.zeros(shape, dtype=bool)
+            analytic, terms = np.empty(shape), np.empty(shape)
             for j in range(_DIRECTIONS):
-                direction = rng.standard_normal(p.shape) * np.maximum(1.0, np.abs(p))
-                outs = {}
-                for s in _scales(richardson):
-                    rows = ev.direction_outputs(index, name, s * step * direction)
-                    out, crossed = ev.run(index + 1, rows[None])
-                    outs[s] = (out[0] - y0, crossed[0])
-                evaluations += len(outs)
-                reach = np.broadcast_to((outs[1.0][1] | outs[-1.0][1])[:, None], (batch, m))
-                diff = _combine({s: o[0] for s, o in outs.items()}, step, richardson, reach)
-                flat_dir = direction.reshape(-1)
-                fd.append((f"dy/d{key} [{j}]", np.einsum("bmk,k->bm", pd, flat_dir), diff,
-                           np.einsum("bmk,k->bm", np.abs(pd), np.abs(flat_dir)), (batch, m)))
+                direction = rng.standard_normal(base.shape) * np.maximum(1.0, np.abs(base))
+                for s in d:
+                    if index is None:
+                        start, rows = 0, base + s * step * direction
+                    else:
+                        start = index + 1
+                        rows = ev.direction_outputs(index, name, s * step * direction)
+                    out, crossed = ev.run(start, rows[None])
+                    d[s][j] = out[0] - y0
+                    if abs(s) == 1.0:
+                        reach[j] |= crossed[0][:, None]
+                # dy/dx acts per sample on (B, n); a parameter direction is shared by all.
+                spec = "bmn,bn->bm" if index is None else "bmk,k->bm"
+                flat = direction if index is None else direction.reshape(-1)
+                analytic[j] = np.einsum(spec, jac_dense, flat)
+                terms[j] = np.einsum(spec, np.abs(jac_dense), np.abs(flat))
+            evaluations += len(d) * _DIRECTIONS
+            fd.append((label, analytic, _combine(d, step, richardson, reach), terms, shape))
     else:
         x64 = ev.acts[0]
         h = step * np.maximum(1.0, np.abs(x64))
@@ -1237,17 +1282,17 @@ def _full_entry(ev, losses, key, index, name, a, diff, step, rtol, atol, floor, 
     tol = base + rtol * np.maximum(np.abs(flat_a), np.abs(numeric))
     slack_unit = _KINK_SLACK * step
 
-    def split(coord):
+    def split(coord, budget):
         h = hs[coord]
         if index is None:
             sample, col = np.unravel_index(coord, a.shape)
             plus, minus = ev.acts[0].copy(), ev.acts[0].copy()
             plus[sample, col] += h
             minus[sample, col] -= h
-            return _split_interval(ev, losses, 0, plus, minus, h)
+            return _kink_interval(ev, losses, 0, plus, minus, h, budget)
         plus = ev.param_outputs(index, name, np.array([coord]), np.array([h]))[0]
         minus = ev.param_outputs(index, name, np.array([coord]), np.array([-h]))[0]
-        return _split_interval(ev, losses, index + 1, plus, minus, h)
+        return _kink_interval(ev, losses, index + 1, plus, minus, h, budget)
 
     passed, accepted, cost = _judge(flat_a, diff, tol, slack_unit, floor, losses, split)
     return _entry(key, label, type_name, "finite differences", flat_a, numeric, tol, floor,
@@ -1291,9 +1336,9 @@ def _fast_entry(ev, losses, key, index, name, a, step, richardson, rtol, atol, f
                     for (base, scale), n in zip(tol, numeric, strict=True)])
     slack_unit = _KINK_SLACK * step
 
-    def split(j):
+    def split(j, budget):
         start, plus, minus = splits[j]
-        return _split_interval(ev, losses, start, plus, minus, step)
+        return _kink_interval(ev, losses, start, plus, minus, step, budget)
 
     passed, accepted, cost = _judge(analytic, diff, tol, slack_unit, floor, losses, split)
     entry = _entry(key, label, type_name, "directional", analytic, numeric, tol, floor, passed,
