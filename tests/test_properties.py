@@ -18,7 +18,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jacobprop as jp
-from jacobprop.testing import cast_layer, inputs, layers, losses, sequentials, targets
+from jacobprop.gradcheck import dottest, gradcheck, numerical_jacobian
+from jacobprop.testing import (
+    cast_layer,
+    dtypes,
+    inputs,
+    layers,
+    losses,
+    sequentials,
+    targets,
+)
 from jacobprop.testing.strategies import seeds
 
 
@@ -91,6 +100,14 @@ def test_vjp_is_linear_and_matches_the_full_jacobian(problem):
         assert_close(grads1[key], expected, 1e-12, f"vjp vs param Jacobian {key}")
 
 
+@given(problem=problems())
+def test_gradcheck_passes(problem):
+    net, x, t, loss = problem
+    report = gradcheck(net, x, t, loss)
+    assert report.ok, str(report)
+    assert {entry.name for entry in report.entries} >= set(net.params)
+
+
 @given(problem=problems(), seed=seeds())
 def test_shuffling_the_batch_shuffles_outputs_and_keeps_summed_gradients(problem, seed):
     net, x, t, loss = problem
@@ -133,23 +150,27 @@ def test_float32_agrees_with_float64(data):
                  what="J", **LOW)
 
 
-def central_differences(f, x):
-    """`(B, m, n)` per-sample central differences of a batch-independent `f` at `x`."""
-    columns = []
-    for k in range(x.shape[1]):
-        h = np.cbrt(np.finfo(np.float64).eps) * np.maximum(1.0, np.abs(x[:, k]))
-        plus, minus = x.copy(), x.copy()
-        plus[:, k] += h
-        minus[:, k] -= h
-        columns.append((f(plus) - f(minus)) / (plus[:, k] - minus[:, k])[:, None])
-    return np.stack(columns, axis=2)
+@given(data=st.data(), dtype=dtypes())
+def test_dtype_is_kept_end_to_end(data, dtype):
+    net, x, t, loss = data.draw(problems(dtype=dtype))
+    y, cache = net.forward(x)
+    assert x.dtype == dtype and y.dtype == dtype
+    assert net.vjp(cache, np.ones_like(y))[0].dtype == dtype
+    assert net.jacobian(cache).to_dense().dtype == dtype
+    for op in net.param_jacobians(cache).values():
+        assert op.to_dense().dtype == dtype
+    for mode in ("vjp", "jacobian"):
+        value, grads = net.value_and_grad(x, t, loss, mode=mode)
+        assert np.isfinite(value)
+        for key, grad in grads.items():
+            assert grad.dtype == dtype, f"{key} in mode {mode}"
 
 
 @given(data=st.data())
 def test_jacobian_orders_agree_with_finite_differences(data):
     net = data.draw(sequentials(min_depth=1, max_depth=6))
     x = data.draw(inputs(net))
-    numeric = central_differences(net, x)
+    numeric = numerical_jacobian(net, x)
     for order in ("forward", "reverse", "auto"):
         assert_close(net.jacobian(x, order=order).to_dense(), numeric, 1e-6, order)
     auto = net.jacobian_cost(x, "auto")
@@ -168,13 +189,15 @@ def test_dot_test_of_every_layer_jacobian(name, data, width):
 
 
 def assert_dot_test(op, rng):
-    """`<J u, w> == <u, J^T w>`, per sample and over the batch, and via `.T`."""
+    """`<J u, w> == <u, J^T w>` over the batch and per sample, and `.T` swaps jvp and vjp."""
+    dottest(op, rng=rng, raise_on_fail=True)
     batch, m, n = op.shape
     u, w = rng.standard_normal((batch, n)), rng.standard_normal((batch, m))
     ju, jtw = op.jvp(u), op.vjp(w)
-    scale = np.linalg.norm(ju) * np.linalg.norm(w) + np.linalg.norm(u) * np.linalg.norm(jtw)
-    assert_close(np.einsum("bm,bm->b", ju, w), np.einsum("bn,bn->b", u, jtw), 1e-12, "dot")
-    assert abs(np.vdot(ju, w) - np.vdot(u, jtw)) <= 1e-12 * scale
+    # Per sample, against the size of each sample's terms.
+    terms = np.maximum(np.abs(ju * w).sum(axis=1), np.abs(u * jtw).sum(axis=1))
+    difference = np.abs(np.einsum("bm,bm->b", ju, w) - np.einsum("bn,bn->b", u, jtw))
+    assert (difference <= 1e-12 * terms).all()
     assert_close(op.T.jvp(w), jtw, 1e-12, "J.T.jvp vs J.vjp")
     assert_close(op.T.vjp(u), ju, 1e-12, "J.T.vjp vs J.jvp")
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import GradcheckError
+from ..gradcheck import dottest, numerical_jacobian
 from ..layers.base import Layer
 from .strategies import DEFAULT_MARGIN, draw_input, flatten_layers, input_problems
 
@@ -179,12 +180,14 @@ def assert_layer_correct(layer: Layer, x=None, *, rtol: float | None = None,
     -----
     Shapes: `x` `(B, n)`, `y` `(B, m)`, `J = dy/dx` `(B, m, n)`, parameter
     Jacobians `(B, m, p.size)`. Finite differences are central,
-    `(f(x + h e_k) - f(x - h e_k)) / 2h` with `h = eps^(1/3) max(1, |x_k|)`,
-    perturbing feature k of every sample at once (valid once batch
-    independence has passed). Consistency checks between analytic results
-    (vjp, jvp, dot test, batch independence) use a relative tolerance of
-    1e-10; the float32 check 1e-4, both relative to the array's scale (the
-    float32 one plus an absolute 64 float32 epsilons).
+    `(f(x + h e_k) - f(x - h e_k)) / 2h` with `h = eps^(1/3) max(1, |x_k|)`
+    (`jacobprop.gradcheck.numerical_jacobian`), perturbing feature k of every
+    sample at once (valid once batch independence has passed). The dot test
+    is `jacobprop.gradcheck.dottest` on the layer's `jvp` and `vjp` (relative
+    to the sums' terms, 1e3 eps). Other consistency checks between analytic
+    results (vjp, jvp, batch independence) use a relative tolerance of 1e-10;
+    the float32 check 1e-4, both relative to the array's scale (the float32
+    one plus an absolute 64 float32 epsilons).
     """
     if not isinstance(layer, Layer):
         raise TypeError(
@@ -232,7 +235,7 @@ def _check_point(contract: _Contract, layer: Layer, x: np.ndarray, rng) -> None:
 
     axes = ("sample", "output", "input")
     contract.compare("jacobian vs finite differences", "dy/dx",
-                     dense, _fd_input_jacobian(layer, x), axes,
+                     dense, numerical_jacobian(layer, x), axes,
                      rtol=contract.rtol, atol=contract.atol)
 
     params = layer.params
@@ -267,13 +270,11 @@ def _check_point(contract: _Contract, layer: Layer, x: np.ndarray, rng) -> None:
                      ("sample", "output"), **_EXACT)
 
     # The dot test ties jvp and vjp together without trusting the dense Jacobian.
-    u, w = rng.standard_normal((batch, n)), rng.standard_normal((batch, m))
-    ju, jtw = layer.jvp(cache, u), layer.vjp(cache, w)[0]
-    lhs, rhs = float(np.sum(ju * w)), float(np.sum(u * jtw))
-    scale = np.linalg.norm(ju) * np.linalg.norm(w) + np.linalg.norm(u) * np.linalg.norm(jtw)
-    if abs(lhs - rhs) > EXACT_RTOL * max(scale, np.finfo(np.float64).tiny):
-        contract.fail("dot test", f"<jvp(u), w> = {lhs!r} but <u, vjp(w)> = {rhs!r} "
-                                  f"(|diff| {abs(lhs - rhs):.3g}, scale {scale:.3g})")
+    try:
+        dottest((lambda u: layer.jvp(cache, u), lambda w: layer.vjp(cache, w)[0]),
+                shape=(batch, m, n), rng=rng, raise_on_fail=True, name="jvp/vjp")
+    except GradcheckError as error:
+        contract.fail("dot test", str(error))
 
     for name, value in params.items():
         if tuple(param_ops[name].shape) != (batch, m, value.size):
@@ -337,49 +338,24 @@ def _check_batch_independence(contract, layer, x, y, dense, rng) -> None:
                      ("sample", "output", "input"), **_EXACT)
 
 
-def _step(values: np.ndarray) -> np.ndarray:
-    """Central-difference steps: `eps^(1/3) max(1, |v|)`, balancing truncation and rounding."""
-    return np.cbrt(np.finfo(np.float64).eps) * np.maximum(1.0, np.abs(values))
-
-
-def _fd_input_jacobian(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """Central differences of `layer` at `x`, `(B, m, n)`, one input feature at a time."""
-    batch, n = x.shape
-    columns = []
-    for k in range(n):
-        h = _step(x[:, k])
-        plus, minus = x.copy(), x.copy()
-        plus[:, k] += h
-        minus[:, k] -= h
-        # Divide by the step actually taken, after rounding of x +- h.
-        taken = plus[:, k] - minus[:, k]
-        columns.append((layer(plus) - layer(minus)) / taken[:, None])
-    return np.stack(columns, axis=2)
-
-
 def _fd_param_jacobian(layer: Layer, x: np.ndarray, name: str) -> np.ndarray:
     """Central differences of `layer(x)` in `vec(params[name])`, `(B, m, size)`.
 
-    The parameter is perturbed in place (the layer is the contract's own copy)
-    and restored exactly after each entry.
+    The parameter is overwritten in place (the layer is the contract's own
+    float64 copy) and restored exactly afterwards.
     """
     value = layer.params[name]
-    flat = value.reshape(-1)
-    if not np.shares_memory(flat, value):
-        raise TypeError(f"assert_layer_correct: parameter {name!r} is not contiguous")
-    columns = []
-    for k in range(flat.size):
-        original = flat[k]
-        h = _step(original)
-        flat[k] = original + h
-        plus = layer(x)
-        upper = flat[k]
-        flat[k] = original - h
-        minus = layer(x)
-        taken = upper - flat[k]
-        flat[k] = original
-        columns.append((plus - minus) / taken)
-    return np.stack(columns, axis=2)
+    original = value.copy()
+
+    def outputs(point):
+        value[...] = point
+        return layer(x)
+
+    try:
+        flat = numerical_jacobian(outputs, original, per_sample=False)
+    finally:
+        value[...] = original
+    return flat.reshape(x.shape[0], -1, value.size)
 
 
 def _check_float32(contract: _Contract, layer: Layer, x64: np.ndarray, rng) -> None:
