@@ -96,6 +96,8 @@ def format_table(doc: dict) -> str:
                 notes.append(f"  {row['path']}: {row['status']}: {row['reason']}")
                 continue
             deviation = row["deviation"]
+            if row["deviation_against"] not in (None, group["deviation_against"]):
+                notes.append(f"  {row['path']}: dev vs {row['deviation_against']}")
             if row["extra"].get("check_ok") is False:
                 dev_text = "CHECK FAILED"
             elif deviation is None:

@@ -198,7 +198,7 @@ def _rows(index, group, timings, peaks) -> list[dict]:
                     row["peak_fraction"] = row["gflops"] / peaks[group.spec.dtype]
             if case.check is not None:
                 try:
-                    deviation, against = case.check(timing.result)
+                    deviation, against, *facts = case.check(timing.result)
                 except Exception as error:  # a broken result is a result too
                     row.update(status="error",
                                reason=f"result check failed: {type(error).__name__}: {error}")
@@ -208,6 +208,8 @@ def _rows(index, group, timings, peaks) -> list[dict]:
                         row["extra"]["check_ok"] = False
                     row["deviation"] = _finite(deviation)
                     row["deviation_against"] = against
+                    for more in facts:
+                        row["extra"].update(more)
             row["extra"].update(_report_facts(timing.result))
         rows.append(row)
     return rows

@@ -55,7 +55,8 @@ class Case:
     fn : callable or None
         The work to time; its return value is handed to `check`.
     check : callable or None
-        `check(result) -> (deviation, against)`: the correctness column.
+        `check(result) -> (deviation, against)` or `(deviation, against, extra)`:
+        the correctness column (and facts for the row's `extra`).
     skip : str or None
         Why the path is not run (memory cap, missing peer, ...).
     flops : float or None
@@ -68,7 +69,7 @@ class Case:
 
     path: str
     fn: Callable[[], Any] | None = None
-    check: Callable[[Any], tuple[float | None, str]] | None = None
+    check: Callable[[Any], tuple] | None = None
     skip: str | None = None
     flops: float | None = None
     traced: bool = True

@@ -136,7 +136,13 @@ def grad_group(spec: MLPSpec, *, seed: int = 0, peers=(), limits: Limits | None 
 
         check = check_pairs
         if spec.dtype == "float64":
-            check = _directional_check(weights, x, labels, spec.activation, seed)
+            # The reference is the truth of the other rows; its own row compares it
+            # with the engine's float64 vjp (an independent implementation) and
+            # records a directional central difference as a second opinion.
+            engine_value, engine_grads = twin.value_and_grad(x64, labels, loss)
+            engine = _flatten(engine_value, _engine_pairs(twin, engine_grads))
+            check = _reference_check(engine, _directional_check(weights, x, labels,
+                                                                spec.activation, seed))
         cases.append(Case("numpy-reference", reference, check, flops=flops))
     else:
         cases.append(Case("numpy-reference",
@@ -179,6 +185,17 @@ def _dense_block_bytes(spec: MLPSpec) -> int:
     sizes = spec.sizes
     itemsize = np.dtype(spec.dtype).itemsize
     return max(spec.batch * b * b * a * itemsize for a, b in pairwise(sizes))
+
+
+def _reference_check(engine, directional):
+    """The reference row's check: against the engine's vjp, plus the directional FD."""
+
+    def check(result):
+        fd_deviation, _ = directional(result)
+        deviation = relative_deviation(_flatten(*result), engine)
+        return deviation, "float64 jacobprop vjp", {"directional_fd_deviation": fd_deviation}
+
+    return check
 
 
 def _directional_check(weights, x, labels, activation, seed):
