@@ -10,6 +10,16 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import GradcheckError, ShapeError
+from .gradcheck import (
+    CheckEntry,
+    GradcheckReport,
+    TaylorReport,
+    check_layer,
+    dottest,
+    gradcheck,
+    numerical_jacobian,
+    taylor_test,
+)
 from .jacobian import (
     DiagonalJacobian,
     GeneralJacobian,
@@ -72,4 +82,12 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "BinaryCrossEntropy",
     "Sequential",
+    "gradcheck",
+    "check_layer",
+    "numerical_jacobian",
+    "dottest",
+    "taylor_test",
+    "GradcheckReport",
+    "CheckEntry",
+    "TaylorReport",
 ]
