@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 __all__ = ["format_header", "format_table", "format_targets", "format_report", "write_plot",
            "DEVIATION_FLAG"]
 
@@ -177,7 +179,8 @@ def write_plot(doc: dict, path: str) -> None:
 
     workloads = [w for w in ("grad", "jacobian", "gradcheck")
                  if any(g["workload"] == w for g in doc["groups"])]
-    figure, axes = plt.subplots(1, max(len(workloads), 1), figsize=(5.5 * len(workloads), 4.5),
+    panels = max(len(workloads), 1)
+    figure, axes = plt.subplots(1, panels, figsize=(max(7.0, 5.5 * panels), 5.0),
                                 squeeze=False)
     xlabels = {"grad": "forward matmul flops (2 B sum n_l m_l)",
                "jacobian": "forward matmul flops (2 B sum n_l m_l)",
@@ -203,8 +206,8 @@ def write_plot(doc: dict, path: str) -> None:
         if series:
             axis.legend(fontsize=7)
     cpu = doc["machine"]["cpu"]
-    figure.suptitle(f"{doc['command']}  --  {cpu}, {doc['machine']['cores']} cores",
-                    fontsize=9)
+    title = f"{doc['command']}  --  {cpu}, {doc['machine']['cores']} cores"
+    figure.suptitle(textwrap.fill(title, width=int(16 * figure.get_figwidth())), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
