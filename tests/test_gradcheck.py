@@ -1,0 +1,568 @@
+"""Tests of the finite-difference checkers themselves (`jacobprop.gradcheck`).
+
+Every checker must be right where the answer is known, pass on every correct
+layer and loss of the registries (at random inputs and exactly at kinks), and
+fail -- with a readable report -- where a derivative is wrong (see also
+test_mutants.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jacobprop as jp
+from jacobprop.gradcheck import CENTRAL_STEP, default_rtol
+
+LAYER_NAMES = sorted(jp.LAYERS)
+LOSS_NAMES = sorted(jp.LOSSES)
+F32 = {"rtol": 1e-3, "atol": 1e-5}
+
+
+def stack_with(layer_name, *, rng, dtype=np.float64, width=5, n_in=4, n_out=3):
+    """`Dense(n_in, width) -> <registered layer> -> Dense(., n_out)` in `dtype`."""
+    middle = jp.LAYERS[layer_name].example(width, rng=rng, dtype=dtype)
+    inner = middle.output_dim(width)
+    return jp.Sequential(
+        jp.Dense(n_in, width, rng=rng, dtype=dtype),
+        middle,
+        jp.Dense(inner, n_out, rng=rng, dtype=dtype),
+    )
+
+
+def snapshot(net):
+    return {key: (value, value.copy()) for key, value in net.params.items()}
+
+
+def assert_unchanged(net, saved):
+    for key, value in net.params.items():
+        original, copy = saved[key]
+        assert value is original, f"{key} was replaced"
+        np.testing.assert_array_equal(value, copy, err_msg=f"{key} was modified")
+
+
+# ---- numerical_jacobian ------------------------------------------------------------------
+def test_numerical_jacobian_of_a_linear_map_is_the_matrix():
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((3, 5))
+    x = rng.standard_normal((4, 5)) * 10
+    jac = jp.numerical_jacobian(lambda z: z @ matrix.T, x)
+    assert jac.shape == (4, 3, 5)
+    np.testing.assert_allclose(jac, np.broadcast_to(matrix, (4, 3, 5)), rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("function", "derivative"),
+    [(np.tanh, lambda z: 1 - np.tanh(z) ** 2), (np.exp, np.exp), (np.sin, np.cos)],
+)
+def test_numerical_jacobian_of_elementwise_functions_is_diagonal(function, derivative):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 4))
+    jac = jp.numerical_jacobian(function, x)
+    expected = np.zeros((3, 4, 4))
+    expected[:, np.arange(4), np.arange(4)] = derivative(x)
+    np.testing.assert_allclose(jac, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_numerical_jacobian_of_softmax():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 5))
+
+    def softmax(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    s = softmax(x)
+    expected = -s[:, :, None] * s[:, None, :]
+    expected[:, np.arange(5), np.arange(5)] += s
+    np.testing.assert_allclose(jp.numerical_jacobian(softmax, x), expected, atol=1e-10)
+
+
+def test_numerical_jacobian_of_a_whole_array_function():
+    rng = np.random.default_rng(3)
+    matrix = rng.standard_normal((2, 3))
+    jac = jp.numerical_jacobian(lambda w: np.tanh(w).sum(axis=0), matrix, per_sample=False)
+    expected = np.zeros((3, 6))
+    for i in range(2):
+        for j in range(3):
+            expected[j, i * 3 + j] = 1 - np.tanh(matrix[i, j]) ** 2
+    np.testing.assert_allclose(jac, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_richardson_is_more_accurate_on_a_smooth_function():
+    x = np.linspace(0.3, 2.0, 6).reshape(2, 3)
+    exact = np.zeros((2, 3, 3))
+    exact[:, np.arange(3), np.arange(3)] = np.cos(x) * np.exp(np.sin(x))
+    plain = np.abs(jp.numerical_jacobian(lambda z: np.exp(np.sin(z)), x, eps=1e-3) - exact).max()
+    extrapolated = np.abs(
+        jp.numerical_jacobian(lambda z: np.exp(np.sin(z)), x, eps=1e-3, richardson=True) - exact
+    ).max()
+    assert extrapolated < plain / 100, (plain, extrapolated)
+
+
+@pytest.mark.parametrize(("richardson", "per_column"), [(False, 2), (True, 4)])
+def test_per_sample_costs_two_evaluations_per_input_coordinate(richardson, per_column):
+    calls = []
+
+    def f(z):
+        calls.append(z.shape)
+        return np.tanh(z)
+
+    x = np.random.default_rng(4).standard_normal((7, 5))
+    jp.numerical_jacobian(f, x, richardson=richardson)
+    assert len(calls) == per_column * 5  # independent of the batch size 7
+    assert all(shape == (7, 5) for shape in calls)
+
+
+def test_numerical_jacobian_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="numerical_jacobian.*callable"):
+        jp.numerical_jacobian(3, np.ones((2, 2)))
+    with pytest.raises(jp.ShapeError, match="numerical_jacobian"):
+        jp.numerical_jacobian(lambda z: z.sum(axis=1), np.ones((2, 3)))
+    with pytest.raises(ValueError, match="eps"):
+        jp.numerical_jacobian(np.tanh, np.ones((2, 3)), eps=-1.0)
+
+
+# ---- dottest ------------------------------------------------------------------------------
+def test_dottest_passes_on_the_engines_operators():
+    rng = np.random.default_rng(5)
+    net = jp.Sequential(jp.Dense(4, 6, rng=rng), jp.Softmax(), jp.Dense(6, 3, rng=rng))
+    jac = net.jacobian(rng.standard_normal((5, 4)))
+    assert jp.dottest(jac, rng=rng) < 1e-13
+    assert jp.dottest(jac.T, rng=rng) < 1e-13
+
+
+def test_dottest_measures_and_reports_a_wrong_adjoint():
+    rng = np.random.default_rng(6)
+    matrix = rng.standard_normal((3, 4))
+    pair = (lambda u: u @ matrix.T, lambda v: 1.01 * (v @ matrix))
+    discrepancy = jp.dottest(pair, shape=(2, 3, 4), rng=rng)
+    assert 1e-3 < discrepancy < 0.1
+    with pytest.raises(jp.GradcheckError, match=r"dottest: my operator .*<J u, v>"):
+        jp.dottest(pair, shape=(2, 3, 4), rng=rng, raise_on_fail=True, name="my operator")
+    right = (lambda u: u @ matrix.T, lambda v: v @ matrix)
+    assert jp.dottest(right, shape=(2, 3, 4), rng=rng, raise_on_fail=True) < 1e-13
+
+
+def test_dottest_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="dottest"):
+        jp.dottest(np.ones((2, 3, 3)))
+    with pytest.raises(ValueError, match="shape"):
+        jp.dottest((np.tanh, np.tanh))
+    with pytest.raises(jp.ShapeError, match="dottest"):
+        jp.dottest((lambda u: u, lambda v: v), shape=(2, 3, 4))
+
+
+# ---- gradcheck over the registries -----------------------------------------------------------
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+@pytest.mark.parametrize("layer_name", LAYER_NAMES)
+def test_gradcheck_passes_on_every_layer_with_every_loss_float64(layer_name, loss_name):
+    rng = np.random.default_rng([LAYER_NAMES.index(layer_name), LOSS_NAMES.index(loss_name)])
+    net = stack_with(layer_name, rng=rng)
+    loss = jp.LOSSES[loss_name]()
+    x = rng.standard_normal((4, 4))
+    t = loss.example_target((4, 3), rng=rng)
+    for kwargs in ({}, {"fast": True}, {"richardson": True}):
+        report = jp.gradcheck(net, x, t, loss, rng=rng, **kwargs)
+        assert report.ok, str(report)
+        assert [entry.name for entry in report.entries] == [*net.params, "x"]
+    assert jp.taylor_test(net, x, t, loss, rng=rng).ok
+
+
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+@pytest.mark.parametrize("layer_name", LAYER_NAMES)
+def test_gradcheck_passes_on_every_layer_with_every_loss_float32(layer_name, loss_name):
+    rng = np.random.default_rng([LAYER_NAMES.index(layer_name), LOSS_NAMES.index(loss_name), 32])
+    net = stack_with(layer_name, rng=rng, dtype=np.float32)
+    loss = jp.LOSSES[loss_name]()
+    x = rng.standard_normal((4, 4)).astype(np.float32)
+    t = loss.example_target((4, 3), rng=rng, dtype=np.float32)
+    report = jp.gradcheck(net, x, t, loss, rng=rng, **F32)
+    assert report.ok, str(report)
+    assert "float32" in report.title
+    assert jp.gradcheck(net, x, t, loss, rng=rng, fast=True, **F32).ok
+    assert jp.taylor_test(net, x, t, loss, rng=rng).ok
+
+
+def test_float32_without_tolerances_is_refused_with_the_fix_in_the_message():
+    rng = np.random.default_rng(7)
+    net = jp.Sequential(jp.Dense(3, 2, rng=rng, dtype=np.float32))
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    t = np.zeros((2, 2), dtype=np.float32)
+    with pytest.raises(TypeError, match=r"gradcheck.*float32.*rtol="):
+        jp.gradcheck(net, x, t, jp.MSE())
+    with pytest.raises(TypeError, match=r"check_layer.*float32.*rtol="):
+        jp.check_layer(net[0], x)
+    assert jp.gradcheck(net, x, t, jp.MSE(), rtol=1e-3).ok
+
+
+def test_float32_tolerances_still_catch_a_wrong_gradient():
+    rng = np.random.default_rng(8)
+    net = jp.Sequential(jp.Dense(3, 4, rng=rng, dtype=np.float32), BadSlopeTanh(),
+                        jp.Dense(4, 2, rng=rng, dtype=np.float32))
+    x = rng.standard_normal((3, 3)).astype(np.float32)
+    t = rng.standard_normal((3, 2)).astype(np.float32)
+    report = jp.gradcheck(net, x, t, jp.MSE(), **F32)
+    assert not report.ok
+    assert "layer 1 (BadSlopeTanh)" in report.culprit
+
+
+def test_a_single_layer_is_checked_as_a_one_layer_stack():
+    rng = np.random.default_rng(9)
+    report = jp.gradcheck(jp.Dense(3, 2, rng=rng), rng.standard_normal((4, 3)),
+                          rng.standard_normal((4, 2)), jp.MSE())
+    assert report.ok
+    assert [entry.name for entry in report.entries] == ["0.W", "0.b", "x"]
+
+
+def test_nested_stacks_are_flattened_with_their_keys():
+    rng = np.random.default_rng(10)
+    inner = jp.Sequential(jp.Dense(5, 4, rng=rng), jp.ReLU())
+    net = jp.Sequential(jp.Dense(3, 5, rng=rng), inner, jp.Dense(4, 2, rng=rng))
+    x = rng.standard_normal((4, 3))
+    report = jp.gradcheck(net, x, rng.integers(0, 2, 4), jp.SoftmaxCrossEntropy())
+    assert report.ok, str(report)
+    assert [e.name for e in report.entries] == ["0.W", "0.b", "1.0.W", "1.0.b", "2.W", "2.b", "x"]
+    assert report["1.0.W"].layer == "1.0 Dense"
+
+
+def test_jacobian_mode_is_checked_too():
+    rng = np.random.default_rng(11)
+    net = stack_with("Softmax", rng=rng)
+    x = rng.standard_normal((3, 4))
+    report = jp.gradcheck(net, x, rng.standard_normal((3, 3)), jp.MSE(), mode="jacobian")
+    assert report.ok, str(report)
+    assert "by jacobian" in report.title
+
+
+# ---- kinks ------------------------------------------------------------------------------------
+KINKED = sorted(name for name, cls in jp.LAYERS.items() if cls.kinks)
+
+
+def test_the_registry_has_kinked_layers_to_test():
+    assert KINKED, "no registered layer declares kinks: the kink tests below test nothing"
+
+
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+@pytest.mark.parametrize("layer_name", KINKED)
+def test_inputs_exactly_at_kinks_are_never_flagged(layer_name, loss_name):
+    rng = np.random.default_rng(12)
+    cls = jp.LAYERS[layer_name]
+    loss = jp.LOSSES[loss_name]()
+    kink = cls.kinks[0]
+    # (a) the network input itself at the kink, straight into the kinked layer
+    first = jp.Sequential(cls.example(4, rng=rng), jp.Dense(4, 3, rng=rng))
+    x = rng.standard_normal((5, 4))
+    x[0] = kink
+    x[2, 1] = kink
+    t = loss.example_target((5, 3), rng=rng)
+    # (b) Dense pre-activations exactly at the kink for whole samples, in two layers
+    d1, d2 = jp.Dense(4, 6, rng=rng), jp.Dense(6, 5, rng=rng)
+    d1.params["b"][:] = kink
+    d2.params["b"][:] = kink
+    deep = jp.Sequential(d1, cls.example(6, rng=rng), d2, cls.example(5, rng=rng),
+                         jp.Dense(5, 3, rng=rng))
+    x_deep = rng.standard_normal((5, 4))
+    x_deep[[0, 3]] = 0.0
+    for net, inputs in ((first, x), (deep, x_deep)):
+        for kwargs in ({}, {"fast": True}, {"richardson": True}):
+            report = jp.gradcheck(net, inputs, t, loss, rng=rng, **kwargs)
+            assert report.ok, str(report)
+        assert jp.gradcheck(net, inputs, t, loss, rng=rng).kink_accepted > 0
+
+
+def test_kink_acceptance_is_reported_and_counted():
+    rng = np.random.default_rng(13)
+    net = jp.Sequential(jp.ReLU(), jp.Dense(3, 2, rng=rng))
+    x = np.array([[0.0, 1.0, -1.0], [2.0, 0.0, 0.5]])
+    report = jp.gradcheck(net, x, rng.standard_normal((2, 2)), jp.MSE())
+    assert report.ok
+    assert report["x"].kink_accepted == 2
+    assert "2 accepted at kinks" in str(report)
+
+
+class BadKinkReLU(jp.ReLU):
+    """Derivative 2 exactly at 0: outside [0, 1], not a subgradient (not registered)."""
+
+    def _derivative(self, cache):
+        x = cache.x
+        return np.where(x > 0, 1.0, np.where(x == 0, 2.0, 0.0)).astype(x.dtype)
+
+    def _vjp(self, cache, g, need_input):
+        return (g * self._derivative(cache) if need_input else None), {}
+
+
+def test_a_wrong_slope_at_a_kink_is_still_caught():
+    rng = np.random.default_rng(14)
+    net = jp.Sequential(BadKinkReLU(), jp.Dense(3, 2, rng=rng))
+    x = np.array([[0.0, 1.0, -1.0], [2.0, 0.0, 0.5]])
+    t = rng.standard_normal((2, 2))
+    report = jp.gradcheck(net, x, t, jp.MSE())
+    assert not report.ok
+    assert not report["x"].passed
+    assert "BadKinkReLU" in report.culprit
+    assert not jp.check_layer(BadKinkReLU(), x)["dy/dx"].passed
+
+
+@pytest.mark.parametrize("layer_name", LAYER_NAMES)
+def test_check_layer_passes_on_every_registered_layer(layer_name):
+    rng = np.random.default_rng(15)
+    cls = jp.LAYERS[layer_name]
+    layer = cls.example(5, rng=rng)
+    width = layer.input_dim or 5
+    x = rng.standard_normal((4, width))
+    if cls.kinks:
+        x[0] = cls.kinks[0]
+        x[1, :2] = cls.kinks[-1]
+    for kwargs in ({}, {"fast": True}, {"richardson": True}):
+        report = jp.check_layer(layer, x, rng=rng, **kwargs)
+        assert report.ok, str(report)
+    if cls.kinks:
+        assert jp.check_layer(layer, x, rng=rng).kink_accepted > 0
+    layer32 = cls.example(5, rng=rng, dtype=np.float32)
+    assert jp.check_layer(layer32, x.astype(np.float32), rng=rng, **F32).ok
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"fast": True}, {"richardson": True}])
+def test_rmse_at_exactly_zero_error_is_a_kink_not_a_failure(kwargs):
+    rng = np.random.default_rng(16)
+    net = jp.Sequential(jp.Dense(4, 5, rng=rng), jp.Tanh(), jp.Dense(5, 3, rng=rng))
+    x = rng.standard_normal((4, 4))
+    t = net(x)
+    assert jp.RMSE().value(net(x), t) == 0.0
+    report = jp.gradcheck(net, x, t, jp.RMSE(), **kwargs)
+    assert report.ok, str(report)
+    assert report.kink_accepted > 0
+    assert jp.taylor_test(net, x, t, jp.RMSE(), rng=rng).ok
+
+
+# ---- the report --------------------------------------------------------------------------------
+class BadSlopeTanh(jp.Tanh):
+    """Derivative 1.5 (1 - y^2) everywhere (not registered)."""
+
+    def _derivative(self, cache):
+        return 1.5 * super()._derivative(cache)
+
+
+def failing_setup(rng):
+    net = jp.Sequential(jp.Dense(3, 4, rng=rng), BadSlopeTanh(), jp.Dense(4, 2, rng=rng))
+    return net, rng.standard_normal((3, 3)), rng.standard_normal((3, 2)), jp.MSE()
+
+
+def test_report_names_the_worst_parameter_layer_and_values():
+    rng = np.random.default_rng(17)
+    net, x, t, loss = failing_setup(rng)
+    report = jp.gradcheck(net, x, t, loss)
+    assert not report.ok
+    assert {e.name for e in report.failures} == {"0.W", "0.b", "x"}
+    assert report["2.W"].passed and report["2.b"].passed
+    worst = report["0.W"]
+    assert (worst.layer_index, worst.layer_type) == ("0", "Dense")
+    _, grads = net.value_and_grad(x, t, loss)
+    assert worst.analytic == pytest.approx(grads["0.W"][worst.worst_index], rel=1e-12)
+    # the analytic value is 1.5 times off somewhere upstream: the two disagree clearly
+    assert abs(worst.analytic - worst.numeric) > 1e-3 * abs(worst.numeric)
+    text = str(report)
+    row = next(line for line in text.splitlines() if line.strip().startswith("0.W"))
+    assert "FAIL" in row and "0 Dense" in row and str(worst.worst_index) in row
+    assert f"{worst.analytic:+.8e}" in row and f"{worst.numeric:+.8e}" in row
+    assert "layer 1 (BadSlopeTanh)" in report.culprit and report.culprit in text
+    assert f"{report.evaluations:,} evaluations" in text
+
+
+def test_raise_on_fail_raises_the_table():
+    rng = np.random.default_rng(18)
+    net, x, t, loss = failing_setup(rng)
+    report = jp.gradcheck(net, x, t, loss, rng=np.random.default_rng(0))
+    with pytest.raises(jp.GradcheckError) as info:
+        jp.gradcheck(net, x, t, loss, raise_on_fail=True, rng=np.random.default_rng(0))
+    assert isinstance(info.value, AssertionError)
+    assert str(info.value) == str(report)
+    with pytest.raises(jp.GradcheckError, match="BadSlopeTanh"):
+        jp.check_layer(BadSlopeTanh(), x, raise_on_fail=True)
+    with pytest.raises(jp.GradcheckError, match="BadSlopeTanh"):
+        jp.taylor_test(net, x, t, loss, raise_on_fail=True)
+
+
+def test_evaluation_counts():
+    rng = np.random.default_rng(19)
+    net = jp.Sequential(jp.Dense(3, 4, rng=rng), jp.Tanh(), jp.Dense(4, 2, rng=rng))
+    x, t = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
+    parameters = sum(p.size for p in net.params.values())
+    assert jp.gradcheck(net, x, t, jp.MSE()).evaluations == 2 * parameters + 2 * 3 + 1
+    assert jp.gradcheck(net, x, t, jp.MSE(), richardson=True).evaluations == (
+        4 * parameters + 4 * 3 + 1)
+    entries = len(net.params) + 1
+    assert jp.gradcheck(net, x, t, jp.MSE(), fast=True).evaluations == entries * 2 * 2 + 1
+
+
+class CountingTanh(jp.Tanh):
+    """Counts forward passes (class-wide, so the checker's copies count too)."""
+
+    calls = 0
+
+    def forward(self, x):
+        CountingTanh.calls += 1
+        return super().forward(x)
+
+
+def test_the_full_check_runs_perturbations_as_batched_rows():
+    rng = np.random.default_rng(20)
+    net = jp.Sequential(jp.Dense(6, 8, rng=rng), CountingTanh(), jp.Dense(8, 3, rng=rng))
+    x, t = rng.standard_normal((5, 6)), rng.standard_normal((5, 3))
+    CountingTanh.calls = 0
+    report = jp.gradcheck(net, x, t, jp.MSE())
+    assert report.ok
+    # 56 coordinates of layer 0 and 6 of x, +-: one batched pass per entry and sign
+    # (plus the forward passes of the analytic gradient and the float64 copy).
+    assert report.evaluations == 2 * (56 + 27 + 6) + 1
+    assert CountingTanh.calls <= 2 * 3 + 2
+
+
+def test_richardson_tightens_the_tolerance_and_the_error():
+    rng = np.random.default_rng(21)
+    net = stack_with("Tanh", rng=rng)
+    x, t = rng.standard_normal((4, 4)), rng.standard_normal((4, 3))
+    plain = jp.gradcheck(net, x, t, jp.MSE())
+    extrapolated = jp.gradcheck(net, x, t, jp.MSE(), richardson=True)
+    assert extrapolated.rtol == default_rtol(True) < plain.rtol == default_rtol(False)
+    assert extrapolated.ok and plain.ok
+
+
+# ---- parameters are never touched ------------------------------------------------------------
+def test_parameters_are_unchanged_after_a_failing_check():
+    rng = np.random.default_rng(22)
+    net, x, t, loss = failing_setup(rng)
+    saved = snapshot(net)
+    for kwargs in ({}, {"fast": True}, {"richardson": True}):
+        assert not jp.gradcheck(net, x, t, loss, **kwargs).ok
+        assert_unchanged(net, saved)
+    assert not jp.taylor_test(net, x, t, loss).ok
+    assert_unchanged(net, saved)
+
+
+class ExplodingDense(jp.Dense):
+    """Raises on its `after`-th forward pass (not registered).
+
+    Overriding `_forward` also takes it off the Dense shortcut, so the checker
+    perturbs its (copied) weights coordinate by coordinate.
+    """
+
+    def __init__(self, *args, after, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.after = after
+        self.calls = 0
+
+    def _forward(self, x):
+        self.calls += 1
+        if self.calls >= self.after:
+            raise RuntimeError("boom")
+        return super()._forward(x)
+
+
+@pytest.mark.parametrize("after", [3, 5, 12])
+def test_parameters_are_unchanged_after_an_exception_mid_check(after):
+    rng = np.random.default_rng(23)
+    net = jp.Sequential(ExplodingDense(3, 4, rng=rng, after=after), jp.Dense(4, 2, rng=rng))
+    saved = snapshot(net)
+    with pytest.raises(RuntimeError, match="boom"):
+        jp.gradcheck(net, rng.standard_normal((3, 3)), rng.standard_normal((3, 2)), jp.MSE())
+    assert_unchanged(net, saved)
+
+
+class PlainDense(jp.Dense):
+    """Dense with its own `_forward` (same maths): checked by the generic per-coordinate path."""
+
+    def _forward(self, x):
+        return super()._forward(x)
+
+
+def test_the_generic_per_coordinate_path_agrees_with_the_dense_shortcut():
+    rng = np.random.default_rng(28)
+    fast_path = jp.Sequential(jp.Dense(3, 4, rng=rng), jp.Tanh(), jp.Dense(4, 2, rng=rng))
+    generic = jp.Sequential(PlainDense(3, 4), jp.Tanh(), PlainDense(4, 2))
+    for key, value in fast_path.params.items():
+        generic.params[key][...] = value
+    x, t = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    one, other = jp.gradcheck(fast_path, x, t, jp.MSE()), jp.gradcheck(generic, x, t, jp.MSE())
+    assert one.ok and other.ok
+    # Both match the same analytic gradient to 1e-9, so they match each other.
+    for a, b in zip(one.entries, other.entries, strict=True):
+        assert a.name == b.name
+        assert a.max_abs_error < 1e-9 and b.max_abs_error < 1e-9
+
+
+# ---- fast mode and the Taylor test ------------------------------------------------------------
+def test_fast_mode_costs_a_handful_of_evaluations_whatever_the_size():
+    rng = np.random.default_rng(24)
+    net = jp.Sequential(jp.Dense(30, 40, rng=rng), jp.Tanh(), jp.Dense(40, 10, rng=rng))
+    x, t = rng.standard_normal((4, 30)), rng.integers(0, 10, 4)
+    report = jp.gradcheck(net, x, t, jp.SoftmaxCrossEntropy(), fast=True, rng=rng)
+    assert report.ok, str(report)
+    assert report.evaluations == 5 * 4 + 1
+    assert report["0.W"].size == 1200
+
+
+def test_taylor_order_is_two_when_right_and_one_when_wrong():
+    rng = np.random.default_rng(25)
+    net = stack_with("Sigmoid", rng=rng)
+    x, t = rng.standard_normal((4, 4)), rng.standard_normal((4, 3))
+    right = jp.taylor_test(net, x, t, jp.MSE(), rng=rng)
+    assert right.ok and right.conclusive
+    assert abs(right.order - 2) < 0.2
+    assert right.used.sum() >= 3
+    wrong_net, x, t, loss = failing_setup(rng)
+    wrong = jp.taylor_test(wrong_net, x, t, loss, rng=rng)
+    assert not wrong.ok
+    assert abs(wrong.order - 1) < 0.2
+    assert "observed order" in str(wrong) and "BadSlopeTanh" in str(wrong)
+
+
+def test_taylor_along_a_given_direction():
+    rng = np.random.default_rng(26)
+    net, x, t, loss = failing_setup(rng)
+    # Moving only the last layer's bias never passes through the wrong Tanh slope.
+    only_bias = {"2.b": rng.standard_normal(2)}
+    assert jp.taylor_test(net, x, t, loss, direction=only_bias).ok
+    upstream = {"0.b": rng.standard_normal(4)}
+    assert not jp.taylor_test(net, x, t, loss, direction=upstream).ok
+    with pytest.raises(KeyError, match="unknown key"):
+        jp.taylor_test(net, x, t, loss, direction={"9.W": np.ones(2)})
+    with pytest.raises(jp.ShapeError, match=r"direction\['2.b'\]"):
+        jp.taylor_test(net, x, t, loss, direction={"2.b": np.ones(3)})
+
+
+# ---- argument errors ------------------------------------------------------------
+def test_argument_errors():
+    rng = np.random.default_rng(27)
+    net = jp.Sequential(jp.Dense(3, 2, rng=rng))
+    x, t = rng.standard_normal((2, 3)), rng.standard_normal((2, 2))
+    with pytest.raises(TypeError, match="gradcheck: `net` must be a jacobprop Layer"):
+        jp.gradcheck(lambda z: z, x, t, jp.MSE())
+    with pytest.raises(TypeError, match="gradcheck: `loss` must be a jacobprop Loss"):
+        jp.gradcheck(net, x, t, lambda y, t: 0.0)
+    with pytest.raises(jp.ShapeError, match=r"\(B, 3\)"):
+        jp.gradcheck(net, rng.standard_normal((2, 4)), t, jp.MSE())
+    with pytest.raises(jp.ShapeError, match="target"):
+        jp.gradcheck(net, x, rng.standard_normal((2, 5)), jp.MSE())
+    with pytest.raises(ValueError, match="`rtol` must be finite and >= 0"):
+        jp.gradcheck(net, x, t, jp.MSE(), rtol=-1.0)
+    with pytest.raises(ValueError, match="`atol` must be finite and >= 0"):
+        jp.gradcheck(net, x, t, jp.MSE(), atol=float("nan"))
+    with pytest.raises(TypeError, match="`rtol` must be a real number"):
+        jp.gradcheck(net, x, t, jp.MSE(), rtol="tight")
+    with pytest.raises(TypeError, match="`rng` must be a numpy.random.Generator"):
+        jp.gradcheck(net, x, t, jp.MSE(), rng=0)
+    with pytest.raises(ValueError, match="`mode` must be"):
+        jp.gradcheck(net, x, t, jp.MSE(), mode="adjoint")
+    with pytest.raises(TypeError, match="check_layer: `layer` must be a jacobprop Layer"):
+        jp.check_layer(np.tanh, x)
+    with pytest.raises(TypeError, match="taylor_test: `loss` must be a jacobprop Loss"):
+        jp.taylor_test(net, x, t, "mse")
+
+
+def test_default_tolerances_follow_the_step():
+    eps = np.finfo(np.float64).eps
+    assert CENTRAL_STEP == pytest.approx(eps ** (1 / 3))
+    assert default_rtol(False) == pytest.approx(1e5 * eps ** (2 / 3))
+    assert default_rtol(True) == pytest.approx(1e5 * eps ** (4 / 5))

@@ -1,0 +1,143 @@
+"""Every checker catches every deliberately wrong layer it applies to, naming the layer.
+
+Which checks apply to which mutant follows from where its bug lives (see the
+docstring and `EXPECTED` of tests/mutants.py): the tests assert those checks
+fail *and* the others pass, so a checker that flags everything fails here too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mutants import EXPECTED, mutant_layer, network_with
+
+import jacobprop as jp
+
+MUTANTS = list(EXPECTED)
+NETWORK_MODES = {
+    "full": {},
+    "fast": {"fast": True},
+    "richardson": {"richardson": True},
+    "jacobian mode": {"mode": "jacobian"},
+}
+
+
+def catches(kind: str, mode: str) -> bool:
+    """Whether a network check in `mode` must catch a bug living in `kind`."""
+    if kind == "jvp":
+        return False  # no gradient ever calls the jvp
+    if kind == "vjp":
+        return mode != "jacobian mode"  # the Jacobian backward never calls the vjp
+    return True
+
+
+def setup(mutant, seed=0):
+    rng = np.random.default_rng(seed)
+    net, index, width = network_with(mutant, rng=rng)
+    x = rng.standard_normal((5, width))
+    loss = jp.MSE()
+    t = rng.standard_normal((5, 3))
+    return net, index, x, t, loss, rng
+
+
+def test_mutants_are_not_registered():
+    registered = set(jp.LAYERS.values())
+    assert not registered & set(MUTANTS)
+
+
+@pytest.mark.parametrize("mode", list(NETWORK_MODES))
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda cls: cls.__name__)
+def test_gradcheck_catches_exactly_the_mutants_it_applies_to(mutant, mode):
+    kind, _ = EXPECTED[mutant]
+    net, index, x, t, loss, rng = setup(mutant)
+    report = jp.gradcheck(net, x, t, loss, rng=rng, **NETWORK_MODES[mode])
+    if not catches(kind, mode):
+        assert report.ok, str(report)
+        return
+    assert not report.ok
+    text = str(report)
+    assert f"layer {index} ({mutant.__name__})" in report.culprit
+    assert report.culprit in text and "FAIL" in text
+    with pytest.raises(jp.GradcheckError, match=mutant.__name__):
+        jp.gradcheck(net, x, t, loss, rng=rng, raise_on_fail=True, **NETWORK_MODES[mode])
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda cls: cls.__name__)
+def test_taylor_catches_exactly_the_gradient_bugs(mutant):
+    kind, _ = EXPECTED[mutant]
+    net, index, x, t, loss, rng = setup(mutant)
+    result = jp.taylor_test(net, x, t, loss, rng=rng)
+    if not catches(kind, "full"):
+        assert result.ok, str(result)
+        assert result.order > 1.5
+        return
+    assert not result.ok
+    assert result.order < 1.5
+    assert f"layer {index} ({mutant.__name__})" in str(result)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"fast": True}, {"richardson": True}],
+                         ids=["full", "fast", "richardson"])
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda cls: cls.__name__)
+def test_check_layer_flags_exactly_the_expected_entries(mutant, kwargs):
+    _, failing = EXPECTED[mutant]
+    rng = np.random.default_rng(1)
+    layer, width = mutant_layer(mutant, rng=rng)
+    report = jp.check_layer(layer, rng.standard_normal((5, width)), rng=rng, **kwargs)
+    assert {entry.name for entry in report.failures} == failing, str(report)
+    assert mutant.__name__ in str(report)
+
+
+GRADIENT_MUTANTS = [m for m in MUTANTS if catches(EXPECTED[m][0], "full")]
+
+
+@pytest.mark.parametrize("mutant", GRADIENT_MUTANTS, ids=lambda cls: cls.__name__)
+def test_the_first_wrong_layer_is_named_even_deep_in_the_network(mutant):
+    """A jvp-only bug changes no gradient, so only the gradient bugs have a culprit here."""
+    rng = np.random.default_rng(2)
+    inner, _ = mutant_layer(mutant, rng=rng)
+    width = inner.input_dim or 6
+    out = inner.output_dim(width)
+    net = jp.Sequential(jp.Dense(3, width, rng=rng), jp.Tanh(), inner,
+                        jp.Dense(out, 2, rng=rng))
+    report = jp.gradcheck(net, rng.standard_normal((4, 3)), rng.standard_normal((4, 2)),
+                          jp.MSE(), rng=rng)
+    assert not report.ok
+    assert f"layer 2 ({mutant.__name__})" in report.culprit
+
+
+def test_a_vjp_bug_only_in_one_sample_shows_with_batches_only():
+    """FirstSampleReLU is right for B = 1: the checks must not flag it there."""
+    from mutants import FirstSampleReLU
+
+    rng = np.random.default_rng(3)
+    net, _, _, _, loss, _ = setup(FirstSampleReLU)
+    x, t = rng.standard_normal((1, 4)), rng.standard_normal((1, 3))
+    assert jp.gradcheck(net, x, t, loss).ok
+    assert jp.check_layer(FirstSampleReLU(), rng.standard_normal((1, 6))).ok
+
+
+@pytest.mark.parametrize("layer_name", sorted(jp.LAYERS))
+def test_no_correct_registered_layer_is_ever_flagged(layer_name):
+    rng = np.random.default_rng(4)
+    cls = jp.LAYERS[layer_name]
+    layer = cls.example(6, rng=rng)
+    width = layer.input_dim or 6
+    random_x = rng.standard_normal((5, width))
+    at_kinks = random_x.copy()
+    for k, kink in enumerate(cls.kinks):
+        at_kinks[k::2, ::2] = kink
+    for x in (random_x, at_kinks):
+        for kwargs in ({}, {"fast": True}, {"richardson": True}):
+            report = jp.check_layer(layer, x, rng=rng, **kwargs)
+            assert report.ok, str(report)
+        net = jp.Sequential(jp.Dense(3, width, rng=rng), layer,
+                            jp.Dense(layer.output_dim(width), 2, rng=rng))
+        x_net = rng.standard_normal((5, 3))
+        x_net[0] = 0.0
+        net[0].params["b"][:] = cls.kinks[0] if cls.kinks else 0.0
+        for kwargs in ({}, {"fast": True}, {"richardson": True}):
+            report = jp.gradcheck(net, x_net, rng.standard_normal((5, 2)), jp.MSE(),
+                                  rng=rng, **kwargs)
+            assert report.ok, str(report)
+        assert jp.taylor_test(net, x_net, rng.standard_normal((5, 2)), jp.MSE(), rng=rng).ok
