@@ -185,7 +185,7 @@ def draw_input(
     margin: float = DEFAULT_MARGIN,
     attempts: int = 32,
 ) -> np.ndarray:
-    """A random input `(batch, n)` on which every live layer input is clear of kinks.
+    """A random input `(batch, n)` on which every layer input is clear of kinks and saturation.
 
     Parameters
     ----------
@@ -206,11 +206,12 @@ def draw_input(
 
     Notes
     -----
-    Entries of the first layer's input are pushed out of the margin directly
+    Entries of the first layer's input are pushed `2 * margin` from its kinks
     and clipped inside its saturation; deeper layers' inputs cannot be moved
     that way, so the whole input is redrawn until they are clear (rarely more
-    than once: they land within `margin` of a kink with probability about
-    `margin / scale` per entry). The check runs in float64, before the cast.
+    than once: an entry lands within `margin * gain` of a kink with
+    probability about `margin / scale`). The check runs in float64, before
+    the cast to `dtype`.
     """
     width = layer.input_dim if layer.input_dim is not None else input_dim
     if width is None:
