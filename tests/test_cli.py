@@ -23,12 +23,13 @@ TINY = ["--batch", "2", "--width", "4", "--repeats", "3", "--budget", "0.05", "-
 
 
 @pytest.fixture(autouse=True)
-def _cheap_peak(monkeypatch):
-    # The matmul peak is measured with a 1024^3 product; a small one keeps the
-    # tests quick and changes nothing that is asserted.
+def _quick_measurements(monkeypatch):
+    # The matmul peak is measured with 1024^3 products and every sample lasts
+    # 20 ms; smaller ones keep the tests quick and change nothing asserted.
     original = timing.matmul_peak
     monkeypatch.setattr("jacobprop.bench.runner.matmul_peak",
                         lambda dtype: original(dtype, size=64, tries=1))
+    monkeypatch.setattr(timing, "MIN_SAMPLE_SECONDS", 1e-3)
 
 
 def run_json(tmp_path, argv, capsys=None):
@@ -315,8 +316,9 @@ def test_plot_without_matplotlib_is_a_user_error(tmp_path, monkeypatch, capsys):
     assert cli.main(["bench", "grad", "--plot", str(tmp_path / "p.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'jacobprop[plot]'" in err
-def test_gradcheck_workload_runs_every_mode(tmp_path):
-    argv = ["bench", "gradcheck", *TINY, "--depth", "3", "--in-features", "3"]
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gradcheck_workload_runs_every_mode(tmp_path, dtype):
+    argv = ["bench", "gradcheck", *TINY, "--depth", "3", "--in-features", "3", "--dtype", dtype]
     code, doc = run_json(tmp_path, argv)
     validate(doc)
     rows = rows_by_path(doc)

@@ -61,7 +61,7 @@ def format_header(doc: dict) -> str:
         lines.append(f"env     : {env}")
     peaks = ", ".join(f"{dtype} {value:.1f} GFLOP/s" for dtype, value in
                       doc["matmul_peak_gflops"].items())
-    lines.append(f"matmul peak (1024^3 product, best of 3): {peaks}")
+    lines.append(f"matmul peak (1024^3 product, best of 5): {peaks}")
     if doc["peers"]:
         lines.append("peers   : " + ", ".join(f"{k} {v}" for k, v in doc["peers"].items()))
     method = doc["method"]
@@ -207,7 +207,7 @@ def write_plot(doc: dict, path: str) -> None:
             axis.legend(fontsize=7)
     cpu = doc["machine"]["cpu"]
     title = f"{doc['command']}  --  {cpu}, {doc['machine']['cores']} cores"
-    figure.suptitle(textwrap.fill(title, width=int(16 * figure.get_figwidth())), fontsize=9)
+    figure.suptitle(textwrap.fill(title, width=int(12 * figure.get_figwidth())), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -5,8 +5,10 @@ The method (stated in every report header):
 1. Warm-up: each path of a group runs once under `tracemalloc` (its result
    is kept for the correctness column, its peak traced allocation is the
    memory column), then once more untraced to calibrate how many calls make
-   one timed sample (at least `MIN_SAMPLE_SECONDS` of work, so that timer
-   resolution and call overhead of the loop do not matter).
+   one timed sample (at least `MIN_SAMPLE_SECONDS` = 20 ms of work: timer
+   resolution and loop overhead vanish, and on a shared machine every sample
+   spans several scheduler time slices, so a preemption is spread over many
+   samples instead of making a few of them bimodal outliers).
 2. Repeats are interleaved: round r times every path of the group once, in an
    order rotated by r, so slow drift (thermal, other tenants, frequency
    scaling) hits every path alike. A path slower than the group's time
@@ -39,7 +41,7 @@ __all__ = [
     "MIN_REPEATS",
 ]
 
-MIN_SAMPLE_SECONDS = 2e-3
+MIN_SAMPLE_SECONDS = 2e-2
 MIN_REPEATS = 3
 MEMORY_METHOD = "tracemalloc peak during one call (Python objects and NumPy buffers)"
 
@@ -279,7 +281,7 @@ def load_average() -> list[float] | None:
         return None
 
 
-def matmul_peak(dtype: str, size: int = 1024, tries: int = 3) -> float:
+def matmul_peak(dtype: str, size: int = 1024, tries: int = 5) -> float:
     """Best-of-`tries` GFLOP/s of one `(size, size) @ (size, size)` product."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size)).astype(dtype)
