@@ -87,13 +87,19 @@ class _Contract:
     label: str
     rtol: float
     atol: float | None
-    x_shape: tuple = ()
+    x: np.ndarray | None = None
 
     def fail(self, check: str, detail: str) -> None:
-        raise GradcheckError(
-            f"assert_layer_correct({self.label}): check {check!r} failed for input shape "
-            f"{self.x_shape}:\n  {detail}"
-        )
+        shape = None if self.x is None else self.x.shape
+        message = (f"assert_layer_correct({self.label}): check {check!r} failed for input "
+                   f"shape {shape}:\n  {detail}")
+        if self.x is not None and self.x.size <= 24:
+            # Small enough to paste back into a test and reproduce.
+            start = "  x = np.array("
+            values = np.array2string(self.x, precision=17, separator=", ", prefix=start,
+                                     max_line_width=99)
+            message += f"\n{start}{values})"
+        raise GradcheckError(message)
 
     def compare(self, check, what, analytic, numeric, axes, *, rtol, atol=None, floor=0.0,
                 labels=("analytic", "numeric")):
@@ -206,7 +212,7 @@ def assert_layer_correct(layer: Layer, x=None, *, rtol: float | None = None,
         points = [reference._check_input(x, where=f"assert_layer_correct({layer!r})")]
     for point in points:
         point = point.astype(_FLOAT64)
-        contract.x_shape = point.shape
+        contract.x = point
         try:
             _check_point(contract, reference, point, rng)
         except GradcheckError as error:
