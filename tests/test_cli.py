@@ -10,6 +10,7 @@ import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,6 +228,13 @@ def test_schema_validator_rejects_broken_documents(tmp_path):
     extra["groups"][0]["surprise"] = 1
     with pytest.raises(SchemaError, match="unexpected key 'surprise'"):
         validate(extra)
+
+
+def test_recorded_results_follow_the_schema():
+    recorded = sorted((Path(__file__).parent.parent / "benchmarks").glob("*.json"))
+    assert recorded, "benchmarks/ should hold the recorded results"
+    for path in recorded:
+        validate(json.loads(path.read_text()))
 
 
 def test_print_schema_is_the_shipped_schema(capsys):

@@ -177,8 +177,9 @@ def _jax_grad(spec, weights, x, labels):
     jax = import_peer("jax")
     if spec.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    jnp = jax.numpy
-    nn = jax.nn
+    jnp = importlib.import_module("jax.numpy")
+    nn = importlib.import_module("jax.nn")
+    logsumexp = importlib.import_module("jax.scipy.special").logsumexp
     activations = {"ReLU": nn.relu, "Tanh": jnp.tanh, "Sigmoid": nn.sigmoid,
                    "Softplus": nn.softplus, "Identity": lambda z: z,
                    "LeakyReLU": lambda z: nn.leaky_relu(z, 0.01)}
@@ -192,7 +193,7 @@ def _jax_grad(spec, weights, x, labels):
             h = h @ W.T + b
             if index < len(params) - 1:
                 h = activation(h)
-        logp = h - jax.scipy.special.logsumexp(h, axis=1, keepdims=True)
+        logp = h - logsumexp(h, axis=1, keepdims=True)
         return -jnp.mean(jnp.take_along_axis(logp, lj[:, None], axis=1))
 
     step = jax.jit(jax.value_and_grad(loss))
