@@ -577,7 +577,7 @@ class KroneckerJacobian(Jacobian):
         self.x = x
         batch, k, p = left.shape
         self.shape = (batch, k, p * x.shape[1])
-        self.dtype = np.result_type(left.dtype, x.dtype)
+        self.dtype = x.dtype if x.dtype == left.dtype else np.result_type(left.dtype, x.dtype)
 
     def _vjp(self, g):
         u = self.left._vjp(g)

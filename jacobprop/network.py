@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import ShapeError, check_batch_matrix
-from .jacobian import GeneralJacobian, Jacobian, chain_cost, multiply_chain
+from .jacobian import GeneralJacobian, Jacobian, _compose, chain_cost, multiply_chain
 from .layers.base import Layer
 from .losses import Loss
 
@@ -148,12 +148,18 @@ class Sequential(Layer):
         return x, SequentialCache(caches[0].x, tuple(caches), x)
 
     def _vjp(self, cache, g, need_input):
-        per_layer = []
         caches = cache.caches
+        per_layer = [None] * len(self._layers)
         for index in range(len(self._layers) - 1, -1, -1):
-            g, grads = self._layers[index]._vjp(caches[index], g, need_input or index > 0)
-            per_layer.append((index, grads))
-        return g, self._collect(reversed(per_layer))
+            g, per_layer[index] = self._layers[index]._vjp(
+                caches[index], g, need_input or index > 0
+            )
+        # Re-key in layer order; this loop is the whole cost of the bookkeeping.
+        grads = {}
+        for keys, layer_grads in zip(self._keys, per_layer, strict=True):
+            for name, value in layer_grads.items():
+                grads[keys[name]] = value
+        return g, grads
 
     def _jvp(self, cache, v):
         for layer, layer_cache in zip(self._layers, cache.caches, strict=True):
@@ -262,18 +268,19 @@ class Sequential(Layer):
         return value, self._backward_by_jacobians(cache, GeneralJacobian(g[:, None, :]), dense)
 
     def _backward_by_jacobians(self, cache, covector: Jacobian, dense: bool) -> dict:
+        # Shapes fit by construction here, so `_compose` (what `@` calls after
+        # its checks) is used directly.
         def materialize(op):
             return GeneralJacobian(op.to_dense()) if dense else op
 
         covector = materialize(covector)
-        per_layer = []
+        per_layer = [None] * len(self._layers)
         for index in range(len(self._layers) - 1, -1, -1):
             layer, layer_cache = self._layers[index], cache.caches[index]
-            grads = {}
+            grads = per_layer[index] = {}
             for name, op in layer._param_jacobians(layer_cache).items():
-                summed = (covector @ materialize(op)).batch_sum()
+                summed = _compose(covector, materialize(op)).batch_sum()
                 grads[name] = summed.reshape(layer.params[name].shape)
-            per_layer.append((index, grads))
             if index > 0:
-                covector = covector @ materialize(layer._jacobian(layer_cache))
-        return self._collect(reversed(per_layer))
+                covector = _compose(covector, materialize(layer._jacobian(layer_cache)))
+        return self._collect(enumerate(per_layer))
