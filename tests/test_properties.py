@@ -318,6 +318,18 @@ def test_operator_views_match_dense(kind, data):
     index = rng.permutation(batch)[: max(1, batch - 1)]
     assert_close(op[index].to_dense(), dense[index], 0.0, "J[index]")
     assert_close(op[batch - 1].to_dense(), dense[batch - 1:], 0.0, "J[i]")
+    assert_close(op[-1].to_dense(), dense[-1:], 0.0, "J[-1]")
+    assert_close(op[-batch].to_dense(), dense[:1], 0.0, "J[-B]")
+    # Sums and scalings, with its own kind and with an unstructured stack.
+    other = build(kind, batch, m, n, rng)
+    general = jp.GeneralJacobian(rng.standard_normal(op.shape))
+    for left, right in ((op, other), (op, general), (general, op)):
+        total = left + right
+        assert total.shape == op.shape
+        assert_close(total.to_dense(), left.to_dense() + right.to_dense(), 1e-15, "J + J")
+    assert_close((2.5 * op).to_dense(), 2.5 * dense, 1e-15, "2.5 * J")
+    assert_close((op * -0.5).to_dense(), -0.5 * dense, 1e-15, "J * -0.5")
+    assert_close((-op).to_dense(), -dense, 0.0, "-J")
     # scipy views: the block-diagonal operator and matrix, and one sample's block.
     block_diagonal = scipy.linalg.block_diag(*dense)
     assert_close(op.to_sparse().toarray(), block_diagonal, 0.0, "to_sparse")
