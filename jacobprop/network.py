@@ -63,6 +63,7 @@ class Sequential(Layer):
                 )
         self._layers = tuple(layers)
         self._input_dim = self._check_widths()
+        self._input_where = f"Sequential layer 0 ({type(self._layers[0]).__name__})"
         # Gradient keys are formatted once here, not on every backward pass.
         self._keys = tuple(
             {name: f"{index}.{name}" for name in layer.params}
@@ -134,10 +135,9 @@ class Sequential(Layer):
 
     # ---- the layer protocol -------------------------------------------------------
     def _check_input(self, x, where=None):
-        first = self._layers[0]
-        where = where or f"Sequential layer 0 ({type(first).__name__})"
         return check_batch_matrix(
-            x, where=where, name="x", features=self._input_dim, dtype=self.dtype or np.float64
+            x, where=where or self._input_where, name="x", features=self._input_dim,
+            dtype=self.dtype or np.float64,
         )
 
     def _forward(self, x):
