@@ -25,10 +25,10 @@ from jacobprop.testing import (
     inputs,
     layers,
     losses,
+    seeds,
     sequentials,
     targets,
 )
-from jacobprop.testing.strategies import seeds
 
 
 def assert_close(got, expected, rtol, what="", floor=0.0, scale=None):

@@ -14,9 +14,12 @@ from hypothesis import strategies as st
 import jacobprop as jp
 from jacobprop.testing import (
     CHECKS,
+    DEFAULT_MARGIN,
     assert_layer_correct,
     cast_layer,
     draw_input,
+    flatten_layers,
+    input_problems,
     inputs,
     kink_distances,
     layers,
@@ -25,7 +28,6 @@ from jacobprop.testing import (
     sequentials,
     targets,
 )
-from jacobprop.testing.strategies import DEFAULT_MARGIN, flatten_layers, input_problems
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -18,13 +18,17 @@ if find_spec("hypothesis") is None:
 from .contract import CHECKS, assert_layer_correct, cast_layer
 from .profiles import PROFILES, load_profile, register_profiles
 from .strategies import (
+    DEFAULT_MARGIN,
+    NoValidInput,
     draw_input,
     dtypes,
     flatten_layers,
+    input_problems,
     inputs,
     kink_distances,
     layers,
     losses,
+    seeds,
     sequentials,
     targets,
 )
@@ -39,9 +43,13 @@ __all__ = [
     "targets",
     "losses",
     "dtypes",
+    "seeds",
     "draw_input",
+    "input_problems",
     "flatten_layers",
     "kink_distances",
+    "DEFAULT_MARGIN",
+    "NoValidInput",
     "register_profiles",
     "load_profile",
     "PROFILES",
