@@ -18,9 +18,10 @@ How the checks stay honest
 - Tolerances follow from the same numbers: `rtol = 1e5 eps^(2/3)` (3.7e-6)
   for central differences and `1e5 eps^(4/5)` (2.9e-8) with Richardson; an
   entry passes when `|a - n| <= atol + rtol max(|a|, |n|)`, where the default
-  `atol = rtol * 1e-3 * max|grad| + 1e3 eps |L| / h` is the floor under which
-  an entry is judged against the whole gradient's magnitude (never divided by
-  ~0) plus the rounding of the loss itself. Nothing grows with the dimension.
+  `atol = rtol 1e-3 max|grad| + 1e2 eps (|L| + w sum_i max|y_i|) / h`
+  (`w = 1/B` for a mean) is a floor under which an entry is judged against
+  the whole gradient's magnitude (never divided by ~0), plus the rounding of
+  the loss itself. Nothing grows with the dimension.
 - A network that computes in float32 is certified only against tolerances
   the caller chose for float32 (`rtol=`, optionally `atol=`); without them
   the checks raise TypeError rather than apply float64 tolerances.
@@ -113,7 +114,8 @@ RICHARDSON_STEP = _EPS ** (1 / 5)
 
 _SAFETY = 1e5  # rtol = 1e5 * (expected relative error of the difference)
 _FLOOR = 1e-3  # entries below 1e-3 * max|grad| are judged against that floor
-_NOISE = 1e3  # rounding of one loss evaluation, in units of eps * |L| / h
+_NOISE = 1e2  # rounding of one loss evaluation, in units of eps * (|L| + w sum |y_i|) / h
+_LAYER_NOISE = 1e3  # rounding of one layer output, in units of eps * |y| / h
 _KINK_SLACK = 1e2  # one-sided slopes are first-order accurate: slack 100 * h, relative
 _CONSISTENCY = 1e3  # analytic vs analytic: 1e3 * eps(dtype) * sum of |terms|
 _CHUNK = 1 << 21  # elements of one batched array (16 MiB in float64)
@@ -295,6 +297,11 @@ class TaylorReport:
         a first-order remainder. An order below 1.5 still passes when this is
         within `100 eps` of the gradient's dtype (float32 gradients are right
         only to their rounding, which shows as order 1 at small steps).
+    direction : str
+        The direction shown: "given", "all" (every entry at once) or the entry
+        key the direction was restricted to.
+    orders : dict
+        The order observed along every direction tried.
     culprit : str or None
         For a failure, the first layer whose own Jacobians disagree.
     """
@@ -307,6 +314,8 @@ class TaylorReport:
     conclusive: bool
     evaluations: int
     gradient_error: float = 0.0
+    direction: str = "given"
+    orders: dict = field(default_factory=dict)
     culprit: str | None = None
 
     def __str__(self) -> str:
@@ -318,7 +327,10 @@ class TaylorReport:
         else:
             summary = (f"observed order {self.order:.2f} (2 when the gradient is right, "
                        f"1 if not), first-order remainder {self.gradient_error:.1e} of sum |g d|")
-        lines = [f"taylor_test: {verdict}: {summary}; {self.evaluations} evaluations",
+        orders = ", ".join(f"{key} {order:.2f}" for key, order in self.orders.items())
+        lines = [f"taylor_test: {verdict}: along {self.direction}: {summary}; "
+                 f"{self.evaluations} evaluations",
+                 f"  orders by direction: {orders}",
                  "  h            remainder    used"]
         for h, r, u in zip(self.steps, self.remainders, self.used, strict=True):
             lines.append(f"  {h:.3e}    {r:.3e}    {'*' if u else ''}".rstrip())
@@ -512,6 +524,9 @@ class _LossDiffs:
         # groups then, and L - L0 is summed from per-sample differences (less rounding).
         self.linear = type(loss)._reduce is Loss._reduce and loss.reduction in ("mean", "sum")
         self.weight = 1.0 / y0.shape[0] if loss.reduction == "mean" else 1.0
+        # What one evaluation of L is rounded against: L itself and the outputs it
+        # is computed from (a cross-entropy of large logits cancels them).
+        self.scale = abs(self.value) + self.weight * float(np.abs(y0).max(axis=1).sum())
         self._tiled: dict[int, np.ndarray] = {}
         # A network computing in float32 that hits a loss kink exactly (RMSE at zero
         # error) is off it by float32 rounding in the float64 copy: still at the kink.
@@ -1073,7 +1088,7 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     scale = max([float(np.abs(a).max(initial=0.0)) for _, a, *_ in fd]
                 + [float(np.abs(df.numeric).max(initial=0.0)) for _, _, df, *_ in fd])
     floor = _FLOOR * scale
-    noise_base = _NOISE * _EPS * np.abs(y0)
+    noise_base = _LAYER_NOISE * _EPS * np.abs(y0)
     entries = []
     for name, analytic, diff, terms, shape in fd:
         a = np.asarray(analytic, dtype=np.float64).reshape(-1)
@@ -1312,7 +1327,7 @@ def _full_entry(ev, losses, key, index, name, a, diff, step, rtol, atol, floor, 
     flat_a = a.reshape(-1)
     numeric = diff.numeric.reshape(-1)
     hs = diff.steps.reshape(-1)
-    noise = _NOISE * _EPS * abs(losses.value) / hs
+    noise = _NOISE * _EPS * losses.scale / hs
     base = (rtol * floor + noise) if atol is None else atol
     tol = base + rtol * np.maximum(np.abs(flat_a), np.abs(numeric))
     slack_unit = _KINK_SLACK * step
@@ -1360,7 +1375,7 @@ def _fast_entry(ev, losses, key, index, name, a, step, richardson, rtol, atol, f
         analytic.append(terms.sum())
         # The size of the sum's terms, not of the sum: cancellation must not shrink it.
         scale = np.abs(terms).sum()
-        noise = _NOISE * _EPS * abs(losses.value) / step
+        noise = _NOISE * _EPS * losses.scale / step
         base = (rtol * floor * float(np.sqrt((direction ** 2).sum())) + noise
                 ) if atol is None else atol
         tol.append((base, scale))
@@ -1382,75 +1397,14 @@ def _fast_entry(ev, losses, key, index, name, a, step, richardson, rtol, atol, f
     return entry, len(d) * _DIRECTIONS + cost
 
 
-# ---- taylor_test --------------------------------------------------------------------
-def taylor_test(net: Layer, x, t, loss: Loss, *, direction: dict | None = None,
-                rng: np.random.Generator | None = None, mode: str = "vjp",
-                raise_on_fail: bool = False) -> TaylorReport:
-    """The Taylor remainder test: `|L(p + h d) - L(p) - h <grad, d>|` falls as `h^2`.
-
-    Parameters
-    ----------
-    net : Layer
-    x : array_like `(B, n)`
-    t : target
-    loss : Loss
-    direction : dict, optional
-        Keyed like the gradcheck entries (`"0.W"`, ..., `"x"`), each the shape
-        of its array; missing keys do not move. Random (normal, scaled by
-        `max(1, |p|)`) over every parameter and `x` by default.
-    rng : numpy.random.Generator, optional
-    mode : {"vjp", "jacobian"}
-    raise_on_fail : bool
-        Raise `GradcheckError` (message: the report) on failure.
-
-    Returns
-    -------
-    TaylorReport
-
-    Notes
-    -----
-    With `r(h) = |L(p + h d) - L(p) - h <g, d>|`, a right gradient leaves
-    `r = O(h^2)`, a wrong one `r ~ h |<g - g_true, d>|`. Steps `h = 2^-k`,
-    k = 0..30, are evaluated through the float64 copy; the order is the
-    least-squares slope of `log r` against `log h` over the 5 smallest steps
-    whose remainder is above rounding (`1e2 x 10 eps |L|`) and that reach no
-    kink. Pass: order > 1.5, the midpoint of the two cases, no tolerance to
-    tune -- or a first-order remainder `median(r / h)` within `100 eps_g sum |g d|`,
-    the rounding of a gradient computed in dtype `eps_g` (float32 gradients
-    are right to their rounding only, which shows as order 1 at small steps).
-    """
-    where = "taylor_test"
-    seq = _as_sequential(where, net)
-    _check_loss(where, loss)
-    _check_mode(where, mode)
-    rng = _check_rng(where, rng)
-    analytic, y, cache = _analytic(where, seq, x, t, loss, mode)
-    leaves = _flatten(seq, "")
-    ev = _Evaluator(leaves, np.asarray(cache.x, dtype=np.float64))
-    losses = _LossDiffs(loss, t, ev.acts[-1])
-    losses.kink_floor = _kink_floor(y)
-    spec = _entries_of(leaves)
-    bases = {key: (ev.acts[0] if index is None else leaves[index].work.params[name])
-             for key, index, name in spec}
-    if direction is None:
-        direction = {key: rng.standard_normal(b.shape) * np.maximum(1.0, np.abs(b))
-                     for key, b in bases.items()}
-    elif not isinstance(direction, dict):
-        raise TypeError(f"{where}: `direction` must be a dict keyed like the gradients, "
-                        f"got {type(direction).__name__}")
-    for key, value in direction.items():
-        if key not in bases:
-            raise KeyError(f"{where}: `direction` has an unknown key {key!r}; "
-                           f"the keys are {list(bases)}")
-        if np.shape(value) != bases[key].shape:
-            raise ShapeError(f"{where}: `direction[{key!r}]` must have shape "
-                             f"{bases[key].shape}, got {np.shape(value)}")
+def _taylor_sequence(ev, losses, spec, analytic, direction, grad_eps, loss) -> TaylorReport:
+    """The remainders along one direction and the order fitted on them."""
+    leaves = ev.leaves
     direction = {key: np.asarray(value, dtype=np.float64) for key, value in direction.items()}
     slope = sum(float((np.asarray(analytic[k], dtype=np.float64) * d).sum())
                 for k, d in direction.items())
     terms = sum(float(np.abs(np.asarray(analytic[k], dtype=np.float64) * d).sum())
                 for k, d in direction.items())
-    grad_eps = float(np.finfo(np.result_type(y.dtype, np.float32)).eps)
     steps = _TAYLOR_STEPS
     remainders = np.empty(len(steps))
     usable = np.zeros(len(steps), dtype=bool)
@@ -1470,12 +1424,11 @@ def taylor_test(net: Layer, x, t, loss: Loss, *, direction: dict | None = None,
                 work.params[name] = old
         change = float(losses.diffs(losses.per_sample(out))[0])
         remainders[number] = abs(change - h * slope)
-        rounding = 10 * _EPS * abs(losses.value)
+        rounding = 10 * _EPS * losses.scale
         loss_kink = bool(type(loss).kinks) and abs(losses.value) <= max(abs(change),
                                                                         losses.kink_floor)
         kinked[number] = crossed.any() or loss_kink
         usable[number] = not kinked[number] and remainders[number] > 1e2 * rounding
-    evaluations = len(steps) + 1
     indices = np.flatnonzero(usable)[-_TAYLOR_POINTS:]
     used = np.zeros(len(steps), dtype=bool)
     used[indices] = True
@@ -1493,8 +1446,93 @@ def taylor_test(net: Layer, x, t, loss: Loss, *, direction: dict | None = None,
         # or kinks are within reach of the smallest steps (no verdict possible).
         order, ok = math.inf, True
         conclusive = not kinked[-_TAYLOR_POINTS:].any()
-    report = TaylorReport(steps.copy(), remainders, used, order, ok, conclusive, evaluations,
-                          gradient_error)
+    return TaylorReport(steps.copy(), remainders, used, order, ok, conclusive,
+                        len(steps), gradient_error)
+
+
+# ---- taylor_test --------------------------------------------------------------------
+def taylor_test(net: Layer, x, t, loss: Loss, *, direction: dict | None = None,
+                rng: np.random.Generator | None = None, mode: str = "vjp",
+                raise_on_fail: bool = False) -> TaylorReport:
+    """The Taylor remainder test: `|L(p + h d) - L(p) - h <grad, d>|` falls as `h^2`.
+
+    Parameters
+    ----------
+    net : Layer
+    x : array_like `(B, n)`
+    t : target
+    loss : Loss
+    direction : dict, optional
+        Keyed like the gradcheck entries (`"0.W"`, ..., `"x"`), each the shape
+        of its array; missing keys do not move. By default a random direction
+        (normal, scaled by `max(1, |p|)`) over every parameter and `x`, then the
+        same restricted to each entry in turn, so that a wrong gradient in a
+        small corner of the network is not drowned by the rest of `<g, d>`
+        (32 evaluations per direction).
+    rng : numpy.random.Generator, optional
+    mode : {"vjp", "jacobian"}
+    raise_on_fail : bool
+        Raise `GradcheckError` (message: the report) on failure.
+
+    Returns
+    -------
+    TaylorReport
+
+    Notes
+    -----
+    With `r(h) = |L(p + h d) - L(p) - h <g, d>|`, a right gradient leaves
+    `r = O(h^2)`, a wrong one `r ~ h |<g - g_true, d>|`. Steps `h = 2^-k`,
+    k = 0..30, are evaluated through the float64 copy; the order is the
+    least-squares slope of `log r` against `log h` over the 5 smallest steps
+    whose remainder is above rounding, `1e3 eps (|L| + w sum_i max|y_i|)`, and
+    that reach no kink. Pass: order > 1.5, the midpoint of the two cases, no tolerance to
+    tune -- or a first-order remainder `median(r / h)` within `100 eps_g sum |g d|`,
+    the rounding of a gradient computed in dtype `eps_g` (float32 gradients
+    are right to their rounding only, which shows as order 1 at small steps).
+    """
+    where = "taylor_test"
+    seq = _as_sequential(where, net)
+    _check_loss(where, loss)
+    _check_mode(where, mode)
+    rng = _check_rng(where, rng)
+    analytic, y, cache = _analytic(where, seq, x, t, loss, mode)
+    leaves = _flatten(seq, "")
+    ev = _Evaluator(leaves, np.asarray(cache.x, dtype=np.float64))
+    losses = _LossDiffs(loss, t, ev.acts[-1])
+    losses.kink_floor = _kink_floor(y)
+    spec = _entries_of(leaves)
+    bases = {key: (ev.acts[0] if index is None else leaves[index].work.params[name])
+             for key, index, name in spec}
+    if direction is None:
+        # One direction over everything, then one per entry: a wrong gradient in a
+        # small corner of the network must not drown in the rest of <g, d>.
+        overall = {key: rng.standard_normal(b.shape) * np.maximum(1.0, np.abs(b))
+                   for key, b in bases.items()}
+        directions = {"all": overall, **{key: {key: value} for key, value in overall.items()}}
+    elif not isinstance(direction, dict):
+        raise TypeError(f"{where}: `direction` must be a dict keyed like the gradients, "
+                        f"got {type(direction).__name__}")
+    else:
+        for key, value in direction.items():
+            if key not in bases:
+                raise KeyError(f"{where}: `direction` has an unknown key {key!r}; "
+                               f"the keys are {list(bases)}")
+            if np.shape(value) != bases[key].shape:
+                raise ShapeError(f"{where}: `direction[{key!r}]` must have shape "
+                                 f"{bases[key].shape}, got {np.shape(value)}")
+        directions = {"given": direction}
+    grad_eps = float(np.finfo(np.result_type(y.dtype, np.float32)).eps)
+    results = {
+        name: _taylor_sequence(ev, losses, spec, analytic, moved, grad_eps, loss)
+        for name, moved in directions.items()
+    }
+    # Report the worst direction: a failing one, else the lowest order.
+    name, report = min(results.items(), key=lambda item: (item[1].ok, item[1].order))
+    report.direction = name
+    report.orders = {key: result.order for key, result in results.items()}
+    report.evaluations = 1 + len(_TAYLOR_STEPS) * len(results)
+    ok = all(result.ok for result in results.values())
+    report.ok = ok
     if not ok:
         report.culprit = _attribute(leaves, cache.x, t, loss, None, None, rng)
     if raise_on_fail and not ok:
