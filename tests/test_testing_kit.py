@@ -352,25 +352,40 @@ def test_testing_without_hypothesis_says_how_to_install_it():
 
 
 # ---- the README example ----------------------------------------------------------------
-def readme_layer_example() -> str:
+def readme_blocks() -> list[str]:
+    """The python code blocks of README.md's "Checking your own layer" section."""
     text = README.read_text()
     section = text.split("<!-- BEGIN checking-your-own-layer -->")[1]
     section = section.split("<!-- END checking-your-own-layer -->")[0]
     assert "## Checking your own layer" in section
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, "no python block in the README section"
+    return blocks
+
+
+def run_readme(blocks) -> dict:
+    """Run the blocks in one namespace, then every `test_*` function they define."""
+    namespace = {"__name__": "readme_example"}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+    tests = [value for name, value in namespace.items() if name.startswith("test_")]
+    for test in tests:
+        test()
+    return namespace
 
 
 def test_readme_layer_example_runs():
-    code = readme_layer_example()
-    assert "assert_layer_correct" in code and "register_layer\n" not in code
-    namespace = {"__name__": "readme_example"}
-    exec(compile(code, str(README), "exec"), namespace)
+    blocks = readme_blocks()
+    assert "assert_layer_correct(Sine())" in blocks[0]
+    assert "@jp.register_layer\n" not in blocks[0]
+    namespace = run_readme(blocks)
+    assert "test_sine" in namespace  # the hypothesis example ran too
     assert "Sine" not in jp.LAYERS  # the example does not register its layer
 
 
 def test_readme_layer_example_would_catch_a_wrong_derivative():
-    code = readme_layer_example()
-    broken = code.replace("np.cos(cache.x)", "np.sin(cache.x)")
-    assert broken != code
+    blocks = readme_blocks()
+    broken = blocks[0].replace("np.cos(cache.x)", "np.sin(cache.x)")
+    assert broken != blocks[0]
     with pytest.raises(jp.GradcheckError, match="jacobian vs finite differences"):
-        exec(compile(broken, str(README), "exec"), {"__name__": "readme_example"})
+        run_readme([broken])
