@@ -270,7 +270,7 @@ def layers(draw, input_dim: int | None = None, *, names=None, dtype=np.float64,
         (width-agnostic layers ignore it; `inputs` draws their width).
     names : iterable of str, optional
         Restrict to these names of `jacobprop.LAYERS` (default: all of them,
-        read when the strategy is built).
+        read at every draw, so a layer registered later is drawn too).
     dtype : floating dtype
     max_dim : int
     """
