@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import jacobprop as jp
 from jacobprop.gradcheck import dottest, gradcheck, numerical_jacobian
 from jacobprop.testing import (
+    assert_layer_correct,
     cast_layer,
     dtypes,
     inputs,
@@ -98,6 +99,14 @@ def test_vjp_is_linear_and_matches_the_full_jacobian(problem):
     for key, op in net.param_jacobians(cache).items():
         expected = op.sum_vjp(g1).reshape(net.params[key].shape)
         assert_close(grads1[key], expected, 1e-12, f"vjp vs param Jacobian {key}")
+
+
+@given(data=st.data())
+def test_random_stacks_satisfy_the_layer_contract(data):
+    # A Sequential is a Layer: the whole contract holds for the stack too.
+    net = data.draw(sequentials(min_depth=2, max_depth=5), label="net")
+    x = data.draw(inputs(net), label="x")
+    assert_layer_correct(net, x, rng=np.random.default_rng(0))
 
 
 @given(problem=problems())
