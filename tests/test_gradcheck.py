@@ -336,6 +336,21 @@ def test_rmse_at_exactly_zero_error_is_a_kink_not_a_failure(kwargs):
     assert jp.taylor_test(net, x, t, jp.RMSE(), rng=rng).ok
 
 
+def test_rmse_at_zero_error_in_float32_is_still_at_the_kink():
+    # The float64 copy of a float32 network that hits its target exactly is a hair
+    # off zero error; the float32 gradient (0, the minimum-norm subgradient) is right.
+    rng = np.random.default_rng(29)
+    net = jp.Sequential(jp.Dense(4, 5, rng=rng, dtype=np.float32), jp.Softplus(),
+                        jp.Dense(5, 2, rng=rng, dtype=np.float32))
+    x = rng.standard_normal((4, 4)).astype(np.float32)
+    t = net(x)
+    for kwargs in ({}, {"fast": True}, {"richardson": True}):
+        report = jp.gradcheck(net, x, t, jp.RMSE(), rng=rng, **F32, **kwargs)
+        assert report.ok, str(report)
+        assert report.kink_accepted > 0
+    assert jp.taylor_test(net, x, t, jp.RMSE(), rng=rng).ok
+
+
 # ---- the report --------------------------------------------------------------------------------
 class BadSlopeTanh(jp.Tanh):
     """Derivative 1.5 (1 - y^2) everywhere (not registered)."""
@@ -516,6 +531,21 @@ def test_taylor_order_is_two_when_right_and_one_when_wrong():
     assert not wrong.ok
     assert abs(wrong.order - 1) < 0.2
     assert "observed order" in str(wrong) and "BadSlopeTanh" in str(wrong)
+
+
+def test_taylor_tries_every_entry_and_catches_a_bug_hidden_in_small_gradients():
+    rng = np.random.default_rng(31)
+    net, x, t, loss = failing_setup(rng)
+    # Shrink the last layer: the wrong Tanh slope now lives in gradients 1e4 times
+    # smaller than the last layer's own.
+    net[2].params["W"][...] *= 1e-4
+    t = t + 3
+    result = jp.taylor_test(net, x, t, loss, rng=rng)
+    assert set(result.orders) == {"all", *net.params, "x"}
+    assert not result.ok
+    assert result.direction in {"0.W", "0.b", "x", "all"}
+    report = jp.gradcheck(net, x, t, loss)
+    assert {e.name for e in report.failures} == {"0.W", "0.b", "x"}
 
 
 def test_taylor_along_a_given_direction():
