@@ -24,7 +24,7 @@ __all__ = ["Identity", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softplus", "Soft
 
 class ActivationCache(NamedTuple):
     x: np.ndarray  # (B, n) input
-    y: np.ndarray  # (B, n) output; sigmoid, tanh and softmax differentiate through it
+    y: np.ndarray | None  # (B, n) output where the Jacobian needs it (softmax), else None
 
 
 def stable_exp_shifted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,18 +161,18 @@ class Sigmoid(Elementwise):
 
     Notes
     -----
-    `dy/dx = diag(y * (1 - y))`.
+    `dy/dx = diag(y * (1 - y))`, evaluated as `sigmoid(x) * sigmoid(-x)`: the
+    factor `1 - y` computed from a rounded `y` near 1 would lose every digit.
     """
 
     saturation = 30.0
 
-    def _forward(self, x):
-        y = expit(x)
-        return y, ActivationCache(x, y)
+    def _function(self, x):
+        return expit(x)
 
     def _derivative(self, cache):
-        y = cache.y
-        return y * (1 - y)
+        x = cache.x
+        return expit(x) * expit(-x)
 
 
 @register_layer
@@ -181,18 +181,22 @@ class Tanh(Elementwise):
 
     Notes
     -----
-    `dy/dx = diag(1 - y^2)`.
+    `dy/dx = diag(1 - y^2)`, evaluated as `4 sigmoid(2x) sigmoid(-2x)`, which
+    keeps full relative precision where `1 - y^2` would cancel (large |x|,
+    float32 especially) and never overflows as `1 / cosh(x)^2` would.
     """
 
     saturation = 15.0
 
-    def _forward(self, x):
-        y = np.tanh(x)
-        return y, ActivationCache(x, y)
+    def _function(self, x):
+        return np.tanh(x)
 
     def _derivative(self, cache):
-        y = cache.y
-        return 1 - y * y
+        twice = 2 * cache.x
+        derivative = expit(twice)
+        derivative *= expit(-twice)
+        derivative *= 4
+        return derivative
 
 
 @register_layer
