@@ -484,13 +484,51 @@ class _Evaluator:
             plus, minus = work.forward(plus)[0], work.forward(minus)[0]
         return None
 
+    def _dense_shortcut(self, index: int) -> bool:
+        work = self.leaves[index].work
+        return isinstance(work, Dense) and type(work)._forward is Dense._forward
+
+    def _column_wise(self, index: int) -> bool:
+        """Leaf `index` maps any single column elementwise (no parameters, any width)."""
+        work = self.leaves[index].work
+        return work.elementwise and not work.params and work.input_dim is None
+
+    def param_pass(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
+        """`run` from the outputs of leaf `index` under `param_outputs(...)` perturbations.
+
+        Moving one Dense weight or bias changes one output column; when the next
+        layer is elementwise, only that column is pushed through it (one value per
+        sample instead of the whole width) before the rows go on.
+        """
+        after = index + 1
+        if not (self._dense_shortcut(index) and after < len(self.leaves)
+                and self._column_wise(after)):
+            return self.run(after, self.param_outputs(index, name, coords, steps))
+        x, y = self.acts[index], self.acts[after]
+        groups = len(coords)
+        if name == "W":
+            rows, cols = np.divmod(coords, x.shape[1])
+            delta = steps[:, None] * x[:, cols].T
+        else:
+            rows, delta = coords, np.repeat(steps[:, None], self.batch, axis=1)
+        base = y[:, rows].T  # (G, B): the unperturbed column of each group
+        moved = base + delta
+        reach = np.zeros((groups, self.batch), dtype=bool)
+        for kink in self.kinks[after]:
+            reach |= (np.sign(moved - kink) * np.sign(base - kink) <= 0) & (moved != base)
+        activated = self.leaves[after].work.forward(moved.reshape(-1, 1))[0]
+        out = np.repeat(self.acts[after + 1][None], groups, axis=0)
+        out[np.arange(groups), :, rows] = activated.reshape(groups, self.batch)
+        y_out, deeper = self.run(after + 1, out)
+        return y_out, reach | deeper
+
     def param_outputs(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
         """Outputs (G, B, m) of leaf `index` with `params[name].flat[coords[g]] += steps[g]`."""
         work = self.leaves[index].work
         x, y = self.acts[index], self.acts[index + 1]
         groups = len(coords)
         # Dense's own forward is affine in each weight: W[j, k] + h moves column j by h x[:, k].
-        if isinstance(work, Dense) and type(work)._forward is Dense._forward:
+        if self._dense_shortcut(index):
             out = np.repeat(y[None], groups, axis=0)
             if name == "W":
                 rows, cols = np.divmod(coords, x.shape[1])
@@ -627,8 +665,7 @@ def _param_differences(ev, losses, index, name, step, richardson):
     for first in range(0, p.size, ev.chunk):
         coords = np.arange(first, min(p.size, first + ev.chunk))
         for s in d:
-            rows = ev.param_outputs(index, name, coords, s * h[coords])
-            y, crossed = ev.run(index + 1, rows)
+            y, crossed = ev.param_pass(index, name, coords, s * h[coords])
             d[s][coords] = losses.diffs(losses.per_sample(y))
             if abs(s) == 1.0:
                 reach[coords] |= crossed.any(axis=1)
