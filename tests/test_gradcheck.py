@@ -205,6 +205,8 @@ def test_float32_tolerances_still_catch_a_wrong_gradient():
     report = jp.gradcheck(net, x, t, jp.MSE(), **F32)
     assert not report.ok
     assert "layer 1 (BadSlopeTanh)" in report.culprit
+    taylor = jp.taylor_test(net, x, t, jp.MSE(), rng=rng)
+    assert not taylor.ok and "BadSlopeTanh" in str(taylor)
 
 
 def test_a_single_layer_is_checked_as_a_one_layer_stack():
