@@ -580,7 +580,7 @@ class _LossDiffs:
         self.value = float(loss.reduce(self.ps0))
         # The base class reduces by a sum (or mean) over samples: one array sum for all
         # groups then, and L - L0 is summed from per-sample differences (less rounding).
-        self.linear = type(loss)._reduce is Loss._reduce and loss.reduction in ("mean", "sum")
+        self.linear = loss.separable
         self.weight = 1.0 / y0.shape[0] if loss.reduction == "mean" else 1.0
         # What one evaluation of L is rounded against: L itself and the outputs it
         # is computed from (a cross-entropy of large logits cancels them).

@@ -49,6 +49,9 @@ class Loss:
 
     #: Output values at which the loss has a kink (RMSE at zero error).
     kinks: ClassVar[tuple[str, ...]] = ()
+    #: `L` is a (weighted) sum of per-sample losses, so it changes by the sum of
+    #: their changes; finite-difference checks batch many perturbations on that.
+    separable: ClassVar[bool] = True
 
     def __init__(self, reduction: str = "mean"):
         if reduction not in ("mean", "sum"):
@@ -164,6 +167,7 @@ class RMSE(MSE):
     """
 
     kinks = ("zero error",)
+    separable = False
 
     def _reduce(self, per_sample):
         return float(np.sqrt(super()._reduce(per_sample)))

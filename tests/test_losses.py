@@ -154,3 +154,11 @@ def test_float32_losses_stay_float32(rng):
         y = rng.standard_normal((3, 2)).astype(np.float32)
         t = loss.example_target(y.shape, rng=rng, dtype=np.float32)
         assert loss.grad(y, t).dtype == np.float32, name
+
+
+@pytest.mark.parametrize("name", sorted(jp.LOSSES))
+def test_separable_flag_tells_whether_reduce_is_linear(name, rng):
+    loss = jp.LOSSES[name]()
+    a, b = rng.uniform(0.5, 2.0, 6), rng.uniform(0.5, 2.0, 6)
+    linear = np.isclose(loss.reduce(a + b), loss.reduce(a) + loss.reduce(b), rtol=1e-12)
+    assert linear == loss.separable

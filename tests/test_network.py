@@ -260,3 +260,11 @@ def test_value_and_grad_writes_nothing_to_the_layers():
     for key, value in net.params.items():
         np.testing.assert_array_equal(value, before[key])
     assert all(not hasattr(layer, "grad") for layer in net.layers)
+
+
+def test_network_vjp_refuses_a_cotangent_of_another_batch_size():
+    rng = np.random.default_rng(0)
+    net = jp.Sequential(jp.Dense(3, 4, rng=rng), jp.Tanh())
+    _, cache = net.forward(rng.standard_normal((5, 3)))
+    with pytest.raises(jp.ShapeError, match=r"Sequential: `g` must have shape \(5, 4\), got \(1, 4\)"):
+        net.vjp(cache, np.ones((1, 4)))
