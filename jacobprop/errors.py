@@ -54,7 +54,10 @@ def check_batch_matrix(
     value, *, where: str, name: str, features: int | None = None, dtype=np.float64
 ) -> np.ndarray:
     """Validate a batch-first 2-D float array `(B, features)` and return it."""
-    array = as_float_array(value, where=where, name=name, dtype=dtype)
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        array = value  # the common case, without a call: this runs on every forward
+    else:
+        array = as_float_array(value, where=where, name=name, dtype=dtype)
     if array.ndim != 2:
         hint = ""
         if array.ndim == 1:

@@ -28,6 +28,8 @@ __all__ = [
     "BinaryCrossEntropy",
 ]
 
+_INTP = np.dtype(np.intp)  # comparing to a dtype, not a type, skips a conversion per call
+
 #: Every registered loss class by name (tests and CLI read this table).
 LOSSES: dict[str, type[Loss]] = {}
 
@@ -218,10 +220,10 @@ class SoftmaxCrossEntropy(Loss):
                 raise ValueError(
                     f"{where}: class labels `t` must be integers, got t[{index}] = {t[index]}"
                 )
-        if t.dtype != np.intp:
-            t = t.astype(np.intp)
+        if t.dtype != _INTP:
+            t = t.astype(_INTP)
         # Viewed as unsigned, a negative label wraps to a huge one: one reduction finds both.
-        if t.size and t.view(np.uintp).max() >= classes:
+        if t.size and np.maximum.reduce(t.view(np.uintp)) >= classes:
             index = int(np.flatnonzero((t < 0) | (t >= classes))[0])
             raise ValueError(
                 f"{where}: class label t[{index}] = {t[index]} is out of range for "
@@ -267,10 +269,12 @@ class SoftmaxCrossEntropy(Loss):
 
     def _value_and_grad(self, y, t):
         batch = y.shape[0]
-        shifted, probabilities, sums = self._shifted_exp(y)
+        shifted, probabilities = stable_exp_shifted(y)
+        # ufunc.reduce directly: ndarray.sum adds a Python-level call (hot path).
+        sums = np.add.reduce(probabilities, axis=1)
         log_sums = np.log(sums)
         probabilities /= sums[:, None]
-        weight = self._weight(batch)
+        weight = 1.0 / batch if self.reduction == "mean" else 1.0
         if t.ndim == 1:
             rows = np.arange(batch)
             per_sample = log_sums - shifted[rows, t]
@@ -281,7 +285,7 @@ class SoftmaxCrossEntropy(Loss):
             probabilities *= mass[:, None]
             probabilities -= t
         probabilities *= weight
-        return float(per_sample.sum()) * weight, probabilities
+        return float(np.add.reduce(per_sample)) * weight, probabilities
 
 
 @register_loss

@@ -135,9 +135,12 @@ class Sequential(Layer):
 
     # ---- the layer protocol -------------------------------------------------------
     def _check_input(self, x, where=None):
+        # The parameter dtype matters only to promote integer input; float input
+        # (every hot loop) skips looking it up.
+        is_float = isinstance(x, np.ndarray) and x.dtype.kind == "f"
         return check_batch_matrix(
             x, where=where or self._input_where, name="x", features=self._input_dim,
-            dtype=self.dtype or np.float64,
+            dtype=np.float64 if is_float else (self.dtype or np.float64),
         )
 
     def _forward(self, x):
