@@ -266,5 +266,6 @@ def test_network_vjp_refuses_a_cotangent_of_another_batch_size():
     rng = np.random.default_rng(0)
     net = jp.Sequential(jp.Dense(3, 4, rng=rng), jp.Tanh())
     _, cache = net.forward(rng.standard_normal((5, 3)))
-    with pytest.raises(jp.ShapeError, match=r"Sequential: `g` must have shape \(5, 4\), got \(1, 4\)"):
+    message = r"Sequential: `g` must have shape \(5, 4\), got \(1, 4\)"
+    with pytest.raises(jp.ShapeError, match=message):
         net.vjp(cache, np.ones((1, 4)))
