@@ -232,11 +232,7 @@ class GeneralJacobian(Jacobian):
     kind = "general"
 
     def __init__(self, data):
-        data = np.asarray(data)
-        if data.ndim != 3:
-            raise ShapeError(
-                f"GeneralJacobian: `data` must be 3-D (B, m, n), got shape {data.shape}"
-            )
+        data = _array_of_layout(data, "GeneralJacobian", "data", "(B, m, n)")
         self.data = data
         self.shape = data.shape
         self.dtype = data.dtype
@@ -292,11 +288,7 @@ class SharedJacobian(Jacobian):
     kind = "shared"
 
     def __init__(self, matrix, batch_size: int):
-        matrix = np.asarray(matrix)
-        if matrix.ndim != 2:
-            raise ShapeError(
-                f"SharedJacobian: `matrix` must be 2-D (m, n), got shape {matrix.shape}"
-            )
+        matrix = _array_of_layout(matrix, "SharedJacobian", "matrix", "(m, n)")
         self.matrix = matrix
         self.shape = (int(batch_size), *matrix.shape)
         self.dtype = matrix.dtype
@@ -376,11 +368,7 @@ class DiagonalJacobian(Jacobian):
     kind = "diagonal"
 
     def __init__(self, diagonal):
-        diagonal = np.asarray(diagonal)
-        if diagonal.ndim != 2:
-            raise ShapeError(
-                f"DiagonalJacobian: `diagonal` must be 2-D (B, n), got shape {diagonal.shape}"
-            )
+        diagonal = _array_of_layout(diagonal, "DiagonalJacobian", "diagonal", "(B, n)")
         self.diagonal = diagonal
         batch, n = diagonal.shape
         self.shape = (batch, n, n)
@@ -507,12 +495,9 @@ class SoftmaxJacobian(Jacobian):
     kind = "softmax"
 
     def __init__(self, probabilities):
-        probabilities = np.asarray(probabilities)
-        if probabilities.ndim != 2:
-            raise ShapeError(
-                "SoftmaxJacobian: `probabilities` must be 2-D (B, n), "
-                f"got shape {probabilities.shape}"
-            )
+        probabilities = _array_of_layout(
+            probabilities, "SoftmaxJacobian", "probabilities", "(B, n)"
+        )
         self.probabilities = probabilities
         batch, n = probabilities.shape
         self.shape = (batch, n, n)
@@ -713,6 +698,17 @@ def _compose(left: Jacobian, right: Jacobian) -> Jacobian:
 def softmax_block_product(s: np.ndarray, u: np.ndarray) -> np.ndarray:
     """`(diag(s_i) - s_i s_i^T) u_i` for every sample, in O(n) each."""
     return s * (u - np.einsum("bn,bn->b", u, s)[:, None])
+
+
+def _array_of_layout(value, where: str, name: str, layout: str) -> np.ndarray:
+    """`value` as an array with as many axes as `layout` names, e.g. "(B, n)"."""
+    array = np.asarray(value)
+    ndim = layout.count(",") + 1
+    if array.ndim != ndim:
+        raise ShapeError(
+            f"{where}: `{name}` must be {ndim}-D {layout}, got shape {array.shape}"
+        )
+    return array
 
 
 def _taken_size(batch_size: int, index) -> int:
