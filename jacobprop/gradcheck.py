@@ -89,6 +89,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -1287,6 +1288,34 @@ def _attribute(leaves, x, t, loss, rtol, atol, rng) -> str:
             "how the network composes them")
 
 
+class _Setup(NamedTuple):
+    """A validated network check: the stack, its analytic gradients, the float64 evaluator."""
+
+    seq: Sequential
+    rng: np.random.Generator
+    analytic: dict  # key -> analytic gradient (float64)
+    x: np.ndarray  # the validated network input
+    y: np.ndarray  # the network output
+    leaves: list
+    ev: _Evaluator
+    losses: _LossDiffs
+    spec: list  # (key, leaf index or None for x, parameter name)
+
+
+def _prepare(where, net, x, t, loss, mode, rng) -> _Setup:
+    """Validate the arguments of a network check and set up its float64 evaluator."""
+    seq = _as_sequential(where, net)
+    _check_loss(where, loss)
+    _check_mode(where, mode)
+    rng = _check_rng(where, rng)
+    analytic, y, cache = _analytic(where, seq, x, t, loss, mode)
+    leaves = _flatten(seq, "")
+    ev = _Evaluator(leaves, np.asarray(cache.x, dtype=np.float64))
+    losses = _LossDiffs(loss, t, ev.acts[-1])
+    losses.kink_floor = _kink_floor(y)
+    return _Setup(seq, rng, analytic, cache.x, y, leaves, ev, losses, _entries_of(leaves))
+
+
 def gradcheck(net: Layer, x, t, loss: Loss, *, fast: bool = False, richardson: bool = False,
               rtol: float | None = None, atol: float | None = None,
               raise_on_fail: bool = False, rng: np.random.Generator | None = None,
@@ -1334,20 +1363,13 @@ def gradcheck(net: Layer, x, t, loss: Loss, *, fast: bool = False, richardson: b
     kink splits if any.
     """
     where = "gradcheck"
-    seq = _as_sequential(where, net)
-    _check_loss(where, loss)
-    _check_mode(where, mode)
-    rng = _check_rng(where, rng)
-    analytic, y, cache = _analytic(where, seq, x, t, loss, mode)
+    seq, rng, analytic, x, y, leaves, ev, losses, spec = _prepare(
+        where, net, x, t, loss, mode, rng
+    )
     user_rtol = rtol
     rtol, atol = _resolve_rtol(where, np.result_type(y.dtype, np.float32), rtol, atol,
                                richardson)
     step = RICHARDSON_STEP if richardson else CENTRAL_STEP
-    leaves = _flatten(seq, "")
-    ev = _Evaluator(leaves, np.asarray(cache.x, dtype=np.float64))
-    losses = _LossDiffs(loss, t, ev.acts[-1])
-    losses.kink_floor = _kink_floor(y)
-    spec = _entries_of(leaves)
     evaluations = 1
     diffs = {}
     if fast:
@@ -1383,7 +1405,7 @@ def gradcheck(net: Layer, x, t, loss: Loss, *, fast: bool = False, richardson: b
         f"{np.dtype(y.dtype).name} (differences in float64), gradients by {mode}",
         entries, evaluations, method, rtol, atol)
     if not report.ok:
-        report.culprit = _attribute(leaves, cache.x, t, loss, user_rtol, atol, rng)
+        report.culprit = _attribute(leaves, x, t, loss, user_rtol, atol, rng)
     if raise_on_fail and not report.ok:
         raise GradcheckError(str(report))
     return report
@@ -1560,16 +1582,9 @@ def taylor_test(net: Layer, x, t, loss: Loss, *, direction: dict | None = None,
     which would show as order 1 at small steps.
     """
     where = "taylor_test"
-    seq = _as_sequential(where, net)
-    _check_loss(where, loss)
-    _check_mode(where, mode)
-    rng = _check_rng(where, rng)
-    analytic, y, cache = _analytic(where, seq, x, t, loss, mode)
-    leaves = _flatten(seq, "")
-    ev = _Evaluator(leaves, np.asarray(cache.x, dtype=np.float64))
-    losses = _LossDiffs(loss, t, ev.acts[-1])
-    losses.kink_floor = _kink_floor(y)
-    spec = _entries_of(leaves)
+    seq, rng, analytic, x, y, leaves, ev, losses, spec = _prepare(
+        where, net, x, t, loss, mode, rng
+    )
     bases = {key: (ev.acts[0] if index is None else leaves[index].work.params[name])
              for key, index, name in spec}
     if direction is None:
@@ -1608,7 +1623,7 @@ def taylor_test(net: Layer, x, t, loss: Loss, *, direction: dict | None = None,
     ok = all(result.ok for result in results.values())
     report.ok = ok
     if not ok:
-        report.culprit = _attribute(leaves, cache.x, t, loss, None, None, rng)
+        report.culprit = _attribute(leaves, x, t, loss, None, None, rng)
     if raise_on_fail and not ok:
         raise GradcheckError(str(report))
     return report
