@@ -157,12 +157,7 @@ class Sequential(Layer):
             g, per_layer[index] = self._layers[index]._vjp(
                 caches[index], g, need_input or index > 0
             )
-        # Re-key in layer order; this loop is the whole cost of the bookkeeping.
-        grads = {}
-        for keys, layer_grads in zip(self._keys, per_layer, strict=True):
-            for name, value in layer_grads.items():
-                grads[keys[name]] = value
-        return g, grads
+        return g, self._collect(enumerate(per_layer))
 
     def _jvp(self, cache, v):
         for layer, layer_cache in zip(self._layers, cache.caches, strict=True):
