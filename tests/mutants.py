@@ -1,4 +1,4 @@
-"""Deliberately wrong layers: each a realistic backpropagation bug.
+"""Deliberately wrong layers: each a realistic backpropagation bug; and the correct ones.
 
 None of them is registered (`LAYERS` must hold correct layers only); every
 forward pass is right, only a derivative is wrong. `EXPECTED` says, per
@@ -16,6 +16,9 @@ mutant, where the bug lives and therefore which checks must catch it:
   (its jvp against its vjp) fails too.
 - "jvp": only `_jvp` is wrong. No gradient uses the jvp, so every gradcheck
   mode and Taylor pass; check_layer's "jvp" entry and dot test catch it.
+
+`registered_example` gives the correct counterpart, any registered layer with
+inputs on its kinks, which no checker may ever flag.
 """
 
 from __future__ import annotations
@@ -162,3 +165,23 @@ def mutant_layer(mutant_cls, *, rng: np.random.Generator):
     if issubclass(mutant_cls, jp.Dense):
         return mutant_cls(4, 6, rng=rng), 4
     return mutant_cls(), 6
+
+
+def registered_example(layer_name: str, width: int, batch: int, *, rng: np.random.Generator):
+    """A registered layer's example, a random input and the same input on its kinks.
+
+    Returns `(layer, x, at_kinks)`, both inputs `(batch, layer.input_dim or width)`.
+    `at_kinks` puts a whole sample (the first) on the first kink, and every other
+    feature of every other sample after it on each kink in turn, so that entries
+    at a kink sit beside entries that are not, in the same sample and the same
+    feature. Equal to `x` for a layer without kinks.
+    """
+    cls = jp.LAYERS[layer_name]
+    layer = cls.example(width, rng=rng)
+    x = rng.standard_normal((batch, layer.input_dim or width))
+    at_kinks = x.copy()
+    if cls.kinks:
+        at_kinks[0] = cls.kinks[0]
+    for k, kink in enumerate(cls.kinks):
+        at_kinks[1 + k::2, ::2] = kink
+    return layer, x, at_kinks

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mutants import registered_example
 
 import jacobprop as jp
 from jacobprop.gradcheck import CENTRAL_STEP, default_rtol
@@ -310,12 +311,7 @@ def test_a_wrong_slope_at_a_kink_is_still_caught():
 def test_check_layer_passes_on_every_registered_layer(layer_name):
     rng = np.random.default_rng(15)
     cls = jp.LAYERS[layer_name]
-    layer = cls.example(5, rng=rng)
-    width = layer.input_dim or 5
-    x = rng.standard_normal((4, width))
-    if cls.kinks:
-        x[0] = cls.kinks[0]
-        x[1, :2] = cls.kinks[-1]
+    layer, _, x = registered_example(layer_name, 5, 4, rng=rng)
     for kwargs in ({}, {"fast": True}, {"richardson": True}):
         report = jp.check_layer(layer, x, rng=rng, **kwargs)
         assert report.ok, str(report)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mutants import EXPECTED, mutant_layer, network_with
+from mutants import EXPECTED, mutant_layer, network_with, registered_example
 
 import jacobprop as jp
 
@@ -121,12 +121,8 @@ def test_a_vjp_bug_only_in_one_sample_shows_with_batches_only():
 def test_no_correct_registered_layer_is_ever_flagged(layer_name):
     rng = np.random.default_rng(4)
     cls = jp.LAYERS[layer_name]
-    layer = cls.example(6, rng=rng)
-    width = layer.input_dim or 6
-    random_x = rng.standard_normal((5, width))
-    at_kinks = random_x.copy()
-    for k, kink in enumerate(cls.kinks):
-        at_kinks[k::2, ::2] = kink
+    layer, random_x, at_kinks = registered_example(layer_name, 6, 5, rng=rng)
+    width = random_x.shape[1]
     for x in (random_x, at_kinks):
         for kwargs in ({}, {"fast": True}, {"richardson": True}):
             report = jp.check_layer(layer, x, rng=rng, **kwargs)
