@@ -139,6 +139,9 @@ _WORKLOAD_DEFAULTS = {
     "jacobian": {"batch": [8], "width": [64], "depth": [3]},
     "gradcheck": {"batch": [8], "width": [64], "depth": [3]},
 }
+#: Options of a workload (its grid); valid only after the workload name.
+_GRID_OPTIONS = ("--batch", "--width", "--depth", "--activation", "--dtype", "--in-features",
+                 "--classes")
 _WORKLOAD_HELP = {
     "grad": "loss + gradients by every path: NumPy reference, vjp, jacobian, dense "
             "jacobian, finite differences, peers",
@@ -240,6 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
         grid.add_argument("--classes", type=_positive_int, default=10, metavar="N",
                           help="output width / softmax classes (default 10)")
     return parser
+
+
+def _grid_option_before_workload(argv) -> str | None:
+    """The first grid option typed between `bench` and the workload name, if any.
+
+    argparse would take its value for the workload name ("invalid choice"), so
+    `main` asks this when parsing failed, to say what was really wrong.
+    """
+    if "bench" not in argv:
+        return None
+    for token in argv[argv.index("bench") + 1:]:
+        if token in _WORKLOAD_DEFAULTS:
+            return None
+        name = token.split("=", 1)[0]
+        if name in _GRID_OPTIONS:
+            return name
+    return None
 
 
 # ---- from arguments to a plan ----------------------------------------------------------
@@ -356,6 +376,15 @@ def main(argv=None) -> int:
             args = parser.parse_args(argv)
         except SystemExit as exit_:  # --help and --version end parsing on purpose
             return int(exit_.code or 0)
+        except UsageError:
+            option = _grid_option_before_workload(argv)
+            if option is None:
+                raise
+            raise UsageError(
+                f"jacobprop bench: {option} is an option of a workload; give it after the "
+                f"workload name ({', '.join(_WORKLOAD_DEFAULTS)}), e.g. "
+                f"'jacobprop bench grad {option} ...'"
+            ) from None
         if args.command is None:
             raise UsageError("jacobprop: choose a command (bench); see jacobprop --help")
         if args.print_schema:

@@ -17,7 +17,16 @@ import pytest
 
 import jacobprop as jp
 from jacobprop import cli
-from jacobprop.bench import SCHEMA, SchemaError, models, peers, suites, timing, validate
+from jacobprop.bench import (
+    SCHEMA,
+    SchemaError,
+    models,
+    peers,
+    suites,
+    timing,
+    validate,
+    workloads,
+)
 from jacobprop.bench.models import MLPSpec
 
 TINY = ["--batch", "2", "--width", "4", "--repeats", "3", "--budget", "0.05", "--quiet"]
@@ -110,6 +119,17 @@ def test_a_wrong_fast_path_shows_in_the_deviation_column(tmp_path, monkeypatch, 
     table = capsys.readouterr().out
     vjp_line = next(line for line in table.splitlines() if line.strip().startswith("vjp"))
     assert vjp_line.rstrip().endswith("!")
+
+
+def test_finite_difference_path_matches_the_engine_and_restores_the_parameters():
+    net, x, labels, loss = models.build_mlp(MLPSpec(3, 4), rng=np.random.default_rng(1))
+    before = {key: value.copy() for key, value in net.params.items()}
+    value, grads = workloads._central_differences(net, x, labels, loss)
+    want_value, want_grads = net.value_and_grad(x, labels, loss)
+    assert value == want_value
+    assert models.relative_deviation(grads, want_grads) < 1e-7
+    for key, param in net.params.items():
+        np.testing.assert_array_equal(param, before[key])
 
 
 def test_jacobian_workload_reports_costs_and_matches_finite_differences(tmp_path):
@@ -301,6 +321,9 @@ def test_table_states_machine_and_method(capsys):
         (["bench", "grad", "--json", "/nonexistent-dir/out.json"], "does not exist"),
         (["bench", "--suite", "targets", "grad"], "cannot be combined"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["bench", "--batch", "abc"], "--batch is an option of a workload; give it after"),
+        (["bench", "--dtype=float32", "grad"], "--dtype is an option of a workload"),
+        (["bench", "-q", "--in-features", "4", "jacobian"], "'jacobprop bench grad --in-f"),
         ([], "choose a command"),
     ],
 )
@@ -312,6 +335,14 @@ def test_user_errors_are_one_line_and_exit_2(argv, hint, capsys):
     assert hint in lines[0]
     assert "Traceback" not in captured.err
     assert captured.out == ""
+
+
+def test_grid_options_are_the_ones_only_a_workload_takes():
+    parser = cli.build_parser()
+    suite_keys = set(vars(parser.parse_args(["bench"])))
+    for workload in ("grad", "jacobian", "gradcheck"):
+        workload_keys = set(vars(parser.parse_args(["bench", workload]))) - suite_keys
+        assert workload_keys == {option[2:].replace("-", "_") for option in cli._GRID_OPTIONS}
 
 
 def test_json_path_that_is_a_directory_is_a_user_error(tmp_path, capsys):
