@@ -27,7 +27,6 @@ __all__ = [
     "reference_value_and_grad",
     "REFERENCE_ACTIVATIONS",
     "relative_deviation",
-    "numerical_jacobian_first_samples",
 ]
 
 
@@ -285,25 +284,3 @@ def relative_deviation(got, want) -> float:
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
 
-
-def numerical_jacobian_first_samples(net, x, samples: int = 4) -> np.ndarray:
-    """Central-difference dy/dx `(k, m, n)` of the first `k = min(samples, B)` samples.
-
-    Samples do not interact, so perturbing feature j of every kept sample at
-    once gives column j of all k Jacobians from two forward passes.
-    Runs in float64 on a float64 copy of `x` (the network's own dtype is kept
-    for the parameters, so a float32 network is differenced in float32 maths
-    upcast at the input: use it as a reference for float64 networks only).
-    """
-    x = np.array(x[:samples], dtype=np.float64)
-    k, n = x.shape
-    step = np.finfo(np.float64).eps ** (1 / 3)
-    columns = []
-    for j in range(n):
-        h = step * max(1.0, float(np.max(np.abs(x[:, j]))))
-        plus = x.copy()
-        minus = x.copy()
-        plus[:, j] += h
-        minus[:, j] -= h
-        columns.append((net(plus) - net(minus)) / (2 * h))
-    return np.stack(columns, axis=-1).reshape(k, -1, n)
