@@ -57,6 +57,7 @@ class BenchPlan:
 
 
 def _builders(workload, spec: MLPSpec, peers, plan: BenchPlan):
+    # Peers have no jacobian workload.
     if workload == "grad":
         return grad_group(spec, seed=plan.seed, peers=peers, limits=plan.limits)
     if workload == "jacobian":
@@ -107,8 +108,6 @@ def run_bench(plan: BenchPlan, *, stderr=None, progress: bool = False) -> dict:
         if bar is not None:
             bar.set_description(f"{workload} {spec.label()}")
         peers = [p for p in dict.fromkeys(list(plan.peers) + list(extra_peers)) if p in present]
-        if workload == "jacobian":
-            peers = []
         group = _builders(workload, spec, peers, plan)
         timings = measure_group(group.cases, plan.repeats, budget_seconds=plan.budget_seconds)
         groups.append({

@@ -8,7 +8,7 @@ are stated for (see benchmarks/README.md) and the targets themselves.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .models import MLPSpec
 
@@ -82,7 +82,6 @@ class Target:
     limit: float
     relation: str = "<="
     speedup: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 TARGETS = (

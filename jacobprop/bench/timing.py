@@ -192,11 +192,6 @@ def measure_group(
     return timings
 
 
-def planned_samples(cases: list[Case], repeats: int) -> int:
-    """An upper bound of the samples `measure_group` takes (for the progress bar)."""
-    return repeats * sum(case.skip is None for case in cases)
-
-
 # ---- the machine ------------------------------------------------------------------
 def _cpu_model() -> str:
     try:

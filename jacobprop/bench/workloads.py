@@ -28,12 +28,10 @@ from .models import (
 from .peers import PeerMissing, PeerUnsupported, grad_callable, torch_gradcheck_callable
 from .timing import Case
 
-__all__ = ["Group", "WORKLOADS", "GRAD_PATHS", "JACOBIAN_ORDERS", "GRADCHECK_MODES",
-           "Limits", "grad_group", "jacobian_group", "gradcheck_group"]
+__all__ = ["Group", "JACOBIAN_ORDERS", "Limits", "grad_group", "jacobian_group",
+           "gradcheck_group"]
 
-GRAD_PATHS = ("numpy-reference", "vjp", "jacobian", "jacobian-dense", "finite-diff")
 JACOBIAN_ORDERS = ("forward", "reverse", "auto")
-GRADCHECK_MODES = ("full", "fast", "richardson", "taylor")
 #: A workload counts as matmul-bound (and gets a fraction-of-peak column) when
 #: the smallest GEMM dimension among batch and hidden width is at least this.
 MATMUL_BOUND_MIN_DIM = 32
@@ -334,9 +332,3 @@ def _report_check(report):
               if not math.isnan(entry.max_rel_error)]
     return (max(errors) if errors else None), "the check's own worst relative error"
 
-
-WORKLOADS = {
-    "grad": grad_group,
-    "jacobian": jacobian_group,
-    "gradcheck": gradcheck_group,
-}
