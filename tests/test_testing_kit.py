@@ -305,6 +305,22 @@ def test_layers_strategy_reads_the_registry(monkeypatch):
     assert "Sine" in names
 
 
+@pytest.mark.parametrize(
+    "strategy, registry",
+    [(layers, "LAYERS"), (sequentials, "LAYERS"), (losses, "LOSSES")],
+    ids=["layers", "sequentials", "losses"],
+)
+@pytest.mark.parametrize("names", [["NoSuchName"], []], ids=["unknown", "empty"])
+def test_strategies_refuse_names_outside_their_registry(strategy, registry, names):
+    with pytest.raises(ValueError) as raised:
+        find(strategy(names=names), lambda drawn: True)
+    message = str(raised.value)
+    expected = f"{strategy.__name__}: `names` must be a non-empty selection of jacobprop."
+    expected += registry
+    assert expected in message
+    assert f"got {names!r}" in message
+
+
 @given(data=st.data())
 def test_targets_are_valid_for_every_registered_loss(data):
     loss = data.draw(losses())

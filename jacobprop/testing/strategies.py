@@ -152,26 +152,25 @@ def input_problems(layer: Layer, x: np.ndarray, margin: float = DEFAULT_MARGIN) 
     """
     problems = []
     for item in kink_distances(layer, x):
-        name = f"layer {item.position} ({item.layer!r})"
-        near = item.distance < margin * item.gain
-        if near.any():
-            b, j = np.argwhere(near)[0]
-            value = float(item.z[b, j])
-            problems.append(
-                f"{name}: input [{b}, {j}] = {value!r} is within {margin} * gain "
-                f"{float(item.gain[b, j]):.3g} of a kink {type(item.layer).kinks}"
-            )
-        saturation = type(item.layer).saturation
-        if saturation is not None:
-            beyond = item.live & (np.abs(item.z) > saturation)
-            if beyond.any():
-                b, j = np.argwhere(beyond)[0]
-                value = float(item.z[b, j])
-                problems.append(
-                    f"{name}: input [{b}, {j}] = {value!r} is beyond the saturation "
-                    f"|z| <= {saturation}"
-                )
+        cls = type(item.layer)
+        near = _first_flagged(item, item.distance < margin * item.gain)
+        if near is not None:
+            where, gain = near
+            problems.append(f"{where} is within {margin} * gain {gain:.3g} of a kink {cls.kinks}")
+        if cls.saturation is not None:
+            beyond = _first_flagged(item, item.live & (np.abs(item.z) > cls.saturation))
+            if beyond is not None:
+                problems.append(f"{beyond[0]} is beyond the saturation |z| <= {cls.saturation}")
     return problems
+
+
+def _first_flagged(item: LayerInputs, flagged: np.ndarray) -> tuple[str, float] | None:
+    """The first entry of `item.z` marked in `flagged` `(B, w)`: where it is, and its gain."""
+    if not flagged.any():
+        return None
+    b, j = np.argwhere(flagged)[0]
+    where = f"layer {item.position} ({item.layer!r}): input [{b}, {j}] = {float(item.z[b, j])!r}"
+    return where, float(item.gain[b, j])
 
 
 def draw_input(
@@ -227,12 +226,13 @@ def draw_input(
             x[close] = kink + np.where(offset[close] < 0, -2 * margin, 2 * margin)
         if first.saturation is not None:
             np.clip(x, -0.9 * first.saturation, 0.9 * first.saturation, out=x)
-        if not input_problems(layer, x, margin):
+        problems = input_problems(layer, x, margin)
+        if not problems:
             return x.astype(dtype)
     raise NoValidInput(
         f"draw_input: no input of shape ({batch}, {width}) for {layer!r} kept every layer "
         f"input {margin} away from its kinks and inside its saturation in {attempts} draws; "
-        f"last problem: {input_problems(layer, x, margin)[0]}"
+        f"last problem: {problems[0]}"
     )
 
 
@@ -247,13 +247,15 @@ def dtypes() -> st.SearchStrategy[np.dtype]:
     return st.sampled_from([np.dtype(np.float64), np.dtype(np.float32)])
 
 
-def _layer_names(names) -> list[str]:
-    chosen = sorted(LAYERS) if names is None else list(names)
-    unknown = [name for name in chosen if name not in LAYERS]
+def _chosen(where: str, registry: dict, names) -> list[str]:
+    """`names` checked against `registry` (`LAYERS` or `LOSSES`); all its names when None."""
+    chosen = sorted(registry) if names is None else list(names)
+    unknown = [name for name in chosen if name not in registry]
     if unknown or not chosen:
+        title = "LAYERS" if registry is LAYERS else "LOSSES"
         raise ValueError(
-            f"layers: `names` must be a non-empty selection of jacobprop.LAYERS "
-            f"{sorted(LAYERS)}, got {names!r}"
+            f"{where}: `names` must be a non-empty selection of jacobprop.{title} "
+            f"{sorted(registry)}, got {names!r}"
         )
     return chosen
 
@@ -274,7 +276,7 @@ def layers(draw, input_dim: int | None = None, *, names=None, dtype=np.float64,
     dtype : floating dtype
     max_dim : int
     """
-    name = draw(st.sampled_from(_layer_names(names)))
+    name = draw(st.sampled_from(_chosen("layers", LAYERS, names)))
     width = input_dim if input_dim is not None else draw(st.integers(1, max_dim))
     rng = np.random.default_rng(draw(seeds()))
     return LAYERS[name].example(width, rng=rng, dtype=dtype)
@@ -304,7 +306,7 @@ def sequentials(draw, min_depth: int = 1, max_depth: int = 4, widths=(1, 5), *,
     `example(width_k)` and `width_{k+1} = layer_k.output_dim(width_k)`, so a
     width-agnostic first layer still gets a definite width.
     """
-    chosen = _layer_names(names)
+    chosen = _chosen("sequentials", LAYERS, names)
     depth = draw(st.integers(min_depth, max_depth))
     width = draw(st.integers(*widths))
     rng = np.random.default_rng(draw(seeds()))
@@ -363,8 +365,7 @@ def inputs(draw, layer_or_net: Layer, batch: int | None = None, *, input_dim: in
 @st.composite
 def losses(draw, *, names=None, reductions=("mean", "sum")) -> Loss:
     """A registered loss (from `jacobprop.LOSSES`) with a drawn reduction."""
-    chosen = sorted(LOSSES) if names is None else list(names)
-    cls = LOSSES[draw(st.sampled_from(chosen))]
+    cls = LOSSES[draw(st.sampled_from(_chosen("losses", LOSSES, names)))]
     return cls(reduction=draw(st.sampled_from(list(reductions))))
 
 
