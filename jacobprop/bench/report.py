@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import textwrap
+from dataclasses import fields
+
+from .models import MLPSpec, forward_flops
 
 __all__ = ["format_header", "format_table", "format_targets", "format_report", "write_plot",
            "DEVIATION_FLAG"]
@@ -73,6 +76,7 @@ def format_header(doc: dict) -> str:
     return "\n".join(lines)
 
 
+_SPEC_KEYS = tuple(field.name for field in fields(MLPSpec))
 _COLUMNS = ("path", "median", "IQR", "x base", "GFLOP/s", "% peak", "peak mem", "max rel dev")
 
 
@@ -161,10 +165,7 @@ def _size(group: dict) -> float:
     config = group["config"]
     if group["workload"] == "gradcheck":
         return config["n_params"]
-    sizes = [config["in_features"]] + [config["width"]] * (config["depth"] - 1) + \
-        [config["classes"]]
-    return float(sum(2 * config["batch"] * a * b for a, b in zip(sizes[:-1], sizes[1:],
-                                                                  strict=True)))
+    return forward_flops(MLPSpec(**{key: config[key] for key in _SPEC_KEYS}))
 
 
 def write_plot(doc: dict, path: str) -> None:
