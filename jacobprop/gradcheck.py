@@ -505,18 +505,11 @@ class _Evaluator:
         if not (self._dense_shortcut(index) and after < len(self.leaves)
                 and self._column_wise(after)):
             return self.run(after, self.param_outputs(index, name, coords, steps))
-        x, y = self.acts[index], self.acts[after]
         groups = len(coords)
-        if name == "W":
-            rows, cols = np.divmod(coords, x.shape[1])
-            delta = steps[:, None] * x[:, cols].T
-        else:
-            rows, delta = coords, np.repeat(steps[:, None], self.batch, axis=1)
-        base = y[:, rows].T  # (G, B): the unperturbed column of each group
+        rows, delta = self._dense_change(index, name, coords, steps)
+        base = self.acts[after][:, rows].T  # (G, B): the unperturbed column of each group
         moved = base + delta
-        reach = np.zeros((groups, self.batch), dtype=bool)
-        for kink in self.kinks[after]:
-            reach |= (np.sign(moved - kink) * np.sign(base - kink) <= 0) & (moved != base)
+        reach = _crossed(moved, base, self.kinks[after])
         activated = self.leaves[after].work.forward(moved.reshape(-1, 1))[0]
         activated = activated.reshape(groups, self.batch)
         following = after + 1
@@ -535,19 +528,27 @@ class _Evaluator:
         y_out, deeper = self.run(following, out)
         return y_out, reach | deeper
 
+    def _dense_change(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
+        """`(rows, delta)`: output column `rows[g]` of Dense leaf `index` moves by `delta[g]`.
+
+        Dense's own forward is affine in each weight: `W[j, k] + h` moves column j
+        by `h x[:, k]` (delta `(G, B)`), `b[j] + h` moves it by h (delta `(G, 1)`).
+        """
+        if name == "W":
+            x = self.acts[index]
+            rows, cols = np.divmod(coords, x.shape[1])
+            return rows, steps[:, None] * x[:, cols].T
+        return coords, steps[:, None]
+
     def param_outputs(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
         """Outputs (G, B, m) of leaf `index` with `params[name].flat[coords[g]] += steps[g]`."""
         work = self.leaves[index].work
         x, y = self.acts[index], self.acts[index + 1]
         groups = len(coords)
-        # Dense's own forward is affine in each weight: W[j, k] + h moves column j by h x[:, k].
         if self._dense_shortcut(index):
             out = np.repeat(y[None], groups, axis=0)
-            if name == "W":
-                rows, cols = np.divmod(coords, x.shape[1])
-                out[np.arange(groups), :, rows] += steps[:, None] * x[:, cols].T
-            else:
-                out[np.arange(groups), :, coords] += steps[:, None]
+            rows, delta = self._dense_change(index, name, coords, steps)
+            out[np.arange(groups), :, rows] += delta
             return out
         out = np.empty((groups, *y.shape))
         flat = work.params[name].reshape(-1)  # a view: the copy is C-contiguous
@@ -560,13 +561,26 @@ class _Evaluator:
                 flat[coord] = old
         return out
 
-    def direction_outputs(self, index: int, name: str, delta: np.ndarray) -> np.ndarray:
-        """Output (B, m) of leaf `index` with `params[name] + delta`."""
+    def input_pass(self, cols: np.ndarray, steps: np.ndarray):
+        """`run` with column `cols[g]` of the input moved by `steps[g]` (G, B) in every sample."""
+        rows = np.repeat(self.acts[0][None], len(cols), axis=0)
+        rows[np.arange(len(cols)), :, cols] += steps
+        return self.run(0, rows)
+
+    def point(self, index: int | None, name: str | None) -> np.ndarray:
+        """The float64 array an entry perturbs: the input (index None) or a parameter."""
+        return self.acts[0] if index is None else self.leaves[index].work.params[name]
+
+    def direction_point(self, index: int | None, name: str | None, delta: np.ndarray):
+        """`(start, rows)`: the input (B, w) of leaf `start` when `point(index, name)` moves by
+        `delta`."""
+        if index is None:
+            return 0, self.acts[0] + delta
         work = self.leaves[index].work
         old = work.params[name]
         work.params[name] = old + delta
         try:
-            return work.forward(self.acts[index])[0]
+            return index + 1, work.forward(self.acts[index])[0]
         finally:
             work.params[name] = old
 
@@ -670,41 +684,53 @@ def _scales(richardson: bool) -> tuple[float, ...]:
     return (1.0, -1.0, 0.5, -0.5) if richardson else (1.0, -1.0)
 
 
+def _random_direction(rng: np.random.Generator, point: np.ndarray) -> np.ndarray:
+    """Normal, scaled like the steps by `max(1, |p|)`: shaped like `point`."""
+    return rng.standard_normal(point.shape) * np.maximum(1.0, np.abs(point))
+
+
+def _sweep(ev, index, name, h, scales):
+    """`(s, coords, y, reach)` for every chunk of coordinates and every step scale `s`.
+
+    The coordinates are the columns of the input (`index` None, `h` (B, n): column
+    j of every sample moves by `s h[:, j]` at once, since samples never interact)
+    or the flat entries of a parameter (`h` (size,)); `y` (G, B, m) are the
+    network outputs and `reach` (G, B) the kink-reach mask of `_Evaluator.run`.
+    """
+    size = h.shape[1] if index is None else h.size
+    for first in range(0, size, ev.chunk):
+        coords = np.arange(first, min(size, first + ev.chunk))
+        for s in scales:
+            if index is None:
+                y, reach = ev.input_pass(coords, s * h[:, coords].T)
+            else:
+                y, reach = ev.param_pass(index, name, coords, s * h[coords])
+            yield s, coords, y, reach
+
+
 def _param_differences(ev, losses, index, name, step, richardson):
-    p = ev.leaves[index].work.params[name]
+    p = ev.point(index, name)
     h = step * np.maximum(1.0, np.abs(p.reshape(-1)))
     d = {s: np.empty(p.size) for s in _scales(richardson)}
     reach = np.zeros(p.size, dtype=bool)
-    for first in range(0, p.size, ev.chunk):
-        coords = np.arange(first, min(p.size, first + ev.chunk))
-        for s in d:
-            y, crossed = ev.param_pass(index, name, coords, s * h[coords])
-            d[s][coords] = losses.diffs(losses.per_sample(y))
-            if abs(s) == 1.0:
-                reach[coords] |= crossed.any(axis=1)
-    result = _combine(d, h, richardson, reach)
-    return result, len(d) * p.size
+    for s, coords, y, crossed in _sweep(ev, index, name, h, d):
+        d[s][coords] = losses.diffs(losses.per_sample(y))
+        if abs(s) == 1.0:
+            reach[coords] |= crossed.any(axis=1)
+    return _combine(d, h, richardson, reach), len(d) * p.size
 
 
 def _input_differences(ev, losses, step, richardson):
-    x = ev.acts[0]
-    batch, n = x.shape
+    x = ev.point(None, None)
     h = step * np.maximum(1.0, np.abs(x))
-    d = {s: np.empty((batch, n)) for s in _scales(richardson)}
-    reach = np.zeros((batch, n), dtype=bool)
-    # Samples never interact: moving column j of every sample at once gives the B
-    # per-sample losses of B separate perturbations.
-    chunk = max(1, ev.chunk)
-    for first in range(0, n, chunk):
-        cols = np.arange(first, min(n, first + chunk))
-        for s in d:
-            rows = np.repeat(x[None], len(cols), axis=0)
-            rows[np.arange(len(cols)), :, cols] += s * h[:, cols].T
-            y, crossed = ev.run(0, rows)
-            d[s][:, cols] = losses.sample_diffs(losses.per_sample(y)).T
-            if abs(s) == 1.0:
-                reach[:, cols] |= crossed.T
-    return _combine(d, h, richardson, reach), len(d) * n
+    d = {s: np.empty(x.shape) for s in _scales(richardson)}
+    reach = np.zeros(x.shape, dtype=bool)
+    # Row g of y holds the B per-sample losses of B separate perturbations.
+    for s, cols, y, crossed in _sweep(ev, None, None, h, d):
+        d[s][:, cols] = losses.sample_diffs(losses.per_sample(y)).T
+        if abs(s) == 1.0:
+            reach[:, cols] |= crossed.T
+    return _combine(d, h, richardson, reach), len(d) * x.shape[1]
 
 
 def _kink_interval(ev, losses, start, plus, minus, h, budget):
@@ -1079,24 +1105,20 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
 
     # -- finite differences of the forward pass ------------------------------------------
     fd = []  # (name, analytic, differences, |terms| of the analytic products, shape)
-    if fast:
-        targets = [("dy/dx", None, None, dense)] + [
-            (f"dy/d{key}", *locate[key], pd) for key, pd in param_dense.items()
-        ]
-        shape = (_DIRECTIONS, batch, m)
-        for label, index, name, jac_dense in targets:
-            base = ev.acts[0] if index is None else ev.leaves[index].work.params[name]
+    targets = [("dy/dx", None, None, dense)] + [
+        (f"dy/d{key}", *locate[key], pd) for key, pd in param_dense.items()
+    ]
+    for label, index, name, jac_dense in targets:
+        point = ev.point(index, name)
+        if fast:
+            shape = (_DIRECTIONS, batch, m)
             d = {s: np.empty(shape) for s in _scales(richardson)}
             reach = np.zeros(shape, dtype=bool)
             analytic, terms = np.empty(shape), np.empty(shape)
             for j in range(_DIRECTIONS):
-                direction = rng.standard_normal(base.shape) * np.maximum(1.0, np.abs(base))
+                direction = _random_direction(rng, point)
                 for s in d:
-                    if index is None:
-                        start, rows = 0, base + s * step * direction
-                    else:
-                        start = index + 1
-                        rows = ev.direction_outputs(index, name, s * step * direction)
+                    start, rows = ev.direction_point(index, name, s * step * direction)
                     out, crossed = ev.run(start, rows[None])
                     d[s][j] = out[0] - y0
                     if abs(s) == 1.0:
@@ -1108,40 +1130,20 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
                 terms[j] = np.einsum(spec, np.abs(jac_dense), np.abs(flat))
             evaluations += len(d) * _DIRECTIONS
             fd.append((label, analytic, _combine(d, step, richardson, reach), terms, shape))
-    else:
-        x64 = ev.acts[0]
-        h = step * np.maximum(1.0, np.abs(x64))
-        d = {s: np.empty((batch, m, n)) for s in _scales(richardson)}
-        reach = np.zeros((batch, m, n), dtype=bool)
-        for first in range(0, n, ev.chunk):
-            cols = np.arange(first, min(n, first + ev.chunk))
-            for s in d:
-                rows = np.repeat(x64[None], len(cols), axis=0)
-                rows[np.arange(len(cols)), :, cols] += s * h[:, cols].T
-                out, crossed = ev.run(0, rows)
-                d[s][:, :, cols] = np.moveaxis(out - y0, 0, 2)
-                if abs(s) == 1.0:
-                    reach[:, :, cols] |= crossed.T[:, None, :]
-            evaluations += len(d) * len(cols)
-        diff = _combine(d, h[:, None, :], richardson, reach)
-        fd.append(("dy/dx", dense, diff, np.abs(dense), (batch, m, n)))
-        for key, pd in param_dense.items():
-            index, name = locate[key]
-            p = ev.leaves[index].work.params[name]
-            hp = step * np.maximum(1.0, np.abs(p.reshape(-1)))
-            d = {s: np.empty((batch, m, p.size)) for s in _scales(richardson)}
-            reach = np.zeros((batch, m, p.size), dtype=bool)
-            for first in range(0, p.size, ev.chunk):
-                coords = np.arange(first, min(p.size, first + ev.chunk))
-                for s in d:
-                    rows = ev.param_outputs(index, name, coords, s * hp[coords])
-                    out, crossed = ev.run(index + 1, rows)
-                    d[s][:, :, coords] = np.moveaxis(out - y0, 0, 2)
-                    if abs(s) == 1.0:
-                        reach[:, :, coords] |= crossed.T[:, None, :]
-            evaluations += len(d) * p.size
-            diff = _combine(d, hp[None, None, :], richardson, reach)
-            fd.append((f"dy/d{key}", pd, diff, np.abs(pd), (batch, m, p.size)))
+            continue
+        # Column j of dy/dx or dy/dp, (B, m), is the output's change under coordinate j.
+        h = step * np.maximum(1.0, np.abs(point if index is None else point.reshape(-1)))
+        shape = jac_dense.shape
+        d = {s: np.empty(shape) for s in _scales(richardson)}
+        reach = np.zeros(shape, dtype=bool)
+        for s, coords, out, crossed in _sweep(ev, index, name, h, d):
+            d[s][:, :, coords] = np.moveaxis(out - y0, 0, 2)
+            if abs(s) == 1.0:
+                reach[:, :, coords] |= crossed.T[:, None, :]
+        evaluations += len(d) * shape[2]
+        steps = h[:, None, :] if index is None else h[None, None, :]
+        fd.append((label, jac_dense, _combine(d, steps, richardson, reach), np.abs(jac_dense),
+                   shape))
 
     scale = max([float(np.abs(a).max(initial=0.0)) for _, a, *_ in fd]
                 + [float(np.abs(df.numeric).max(initial=0.0)) for _, _, df, *_ in fd])
@@ -1425,7 +1427,7 @@ def _full_entry(ev, losses, key, index, name, a, diff, step, rtol, atol, floor, 
         h = hs[coord]
         if index is None:
             sample, col = np.unravel_index(coord, a.shape)
-            plus, minus = ev.acts[0].copy(), ev.acts[0].copy()
+            plus, minus = ev.point(None, None).copy(), ev.point(None, None).copy()
             plus[sample, col] += h
             minus[sample, col] -= h
             return _kink_interval(ev, losses, 0, plus, minus, h, budget)
@@ -1440,20 +1442,16 @@ def _full_entry(ev, losses, key, index, name, a, diff, step, rtol, atol, floor, 
 
 def _fast_entry(ev, losses, key, index, name, a, step, richardson, rtol, atol, floor, rng,
                 label, type_name):
-    base_point = ev.acts[0] if index is None else ev.leaves[index].work.params[name]
+    base_point = ev.point(index, name)
     analytic, tol = [], []
     d = {s: np.empty(_DIRECTIONS) for s in _scales(richardson)}
     reach = np.zeros(_DIRECTIONS, dtype=bool)
     splits = []
     for j in range(_DIRECTIONS):
-        direction = rng.standard_normal(base_point.shape) * np.maximum(1.0, np.abs(base_point))
+        direction = _random_direction(rng, base_point)
         rows = {}
         for s in d:
-            if index is None:
-                start, point = 0, ev.acts[0] + s * step * direction
-            else:
-                start = index + 1
-                point = ev.direction_outputs(index, name, s * step * direction)
+            start, point = ev.direction_point(index, name, s * step * direction)
             y, crossed = ev.run(start, point[None])
             d[s][j] = losses.diffs(losses.per_sample(y))[0]
             rows[s] = (start, point)
@@ -1585,13 +1583,11 @@ def taylor_test(net: Layer, x, t, loss: Loss, *, direction: dict | None = None,
     seq, rng, analytic, x, y, leaves, ev, losses, spec = _prepare(
         where, net, x, t, loss, mode, rng
     )
-    bases = {key: (ev.acts[0] if index is None else leaves[index].work.params[name])
-             for key, index, name in spec}
+    bases = {key: ev.point(index, name) for key, index, name in spec}
     if direction is None:
         # One direction over everything, then one per entry: a wrong gradient in a
         # small corner of the network must not drown in the rest of <g, d>.
-        overall = {key: rng.standard_normal(b.shape) * np.maximum(1.0, np.abs(b))
-                   for key, b in bases.items()}
+        overall = {key: _random_direction(rng, b) for key, b in bases.items()}
         directions = {"all": overall, **{key: {key: value} for key, value in overall.items()}}
     elif not isinstance(direction, dict):
         raise TypeError(f"{where}: `direction` must be a dict keyed like the gradients, "
