@@ -159,6 +159,15 @@ def test_plain_bench_is_the_default_suite():
     assert output.json_path is None and not output.quiet
 
 
+def test_common_options_count_before_and_after_the_workload_name():
+    parser = cli.build_parser()
+    argv = ["bench", "--seed", "3", "--quiet", "grad", "--fd-max-params", "7"]
+    plan, output = cli.plan_from_args(parser.parse_args(argv), argv)
+    assert (plan.seed, output.quiet, plan.limits.fd_max_params, plan.repeats) == (3, True, 7, 9)
+    argv = ["bench", "--repeats", "4", "jacobian"]
+    assert cli.plan_from_args(parser.parse_args(argv), argv)[0].repeats == 4
+
+
 def test_targets_suite_holds_every_target_configuration():
     groups = [(w, s) for w, s, _ in suites.SUITES["targets"].groups]
     for target in suites.TARGETS:
