@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
 import numpy as np
@@ -74,15 +74,10 @@ def _float64_twin(net, spec, seed):
     """The same network in float64 (the parameters upcast), for reference results."""
     if spec.dtype == "float64":
         return net
-    twin, _, _, _ = build_mlp(_with(spec, dtype="float64"), rng=np.random.default_rng(seed))
+    twin, _, _, _ = build_mlp(replace(spec, dtype="float64"), rng=np.random.default_rng(seed))
     for key, value in net.params.items():
         twin.params[key][...] = value
     return twin
-
-
-def _with(spec, **changes):
-    values = {**spec.__dict__, **changes}
-    return MLPSpec(**values)
 
 
 def _engine_pairs(net, grads):
