@@ -104,15 +104,10 @@ def evaluate_targets(groups: list[dict], rows: list[dict]) -> list[dict]:
     """The targets whose group was run, each with its measured value and verdict."""
     results = []
     for target in TARGETS:
-        config = {key: value for key, value in target.spec.__dict__.items()}
-        config["in_features"] = target.spec.n_in
-        match = None
-        for group in groups:
-            if group["workload"] != target.workload:
-                continue
-            if all(group["config"][key] == value for key, value in config.items()):
-                match = group
-                break
+        config = target.spec.as_dict()
+        match = next((group for group in groups
+                      if group["workload"] == target.workload and group["config"] == config),
+                     None)
         if match is None:
             continue
         medians = {
