@@ -51,30 +51,31 @@ def as_float_array(value, *, where: str, name: str, dtype=np.float64) -> np.ndar
 
 
 def check_batch_matrix(
-    value, *, where: str, name: str, features: int | None = None, dtype=np.float64
+    value, *, where: str, name: str, features: int | None = None, batch: int | None = None,
+    dtype=np.float64,
 ) -> np.ndarray:
-    """Validate a batch-first 2-D float array `(B, features)` and return it."""
+    """Validate a batch-first 2-D float array `(batch, features)` and return it.
+
+    `features` and `batch` are checked when given; the message shows "B" or
+    "features" for the sizes left free.
+    """
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
         array = value  # the common case, without a call: this runs on every forward
     else:
         array = as_float_array(value, where=where, name=name, dtype=dtype)
+    expected = (
+        f"({'B' if batch is None else batch}, {'features' if features is None else features})"
+    )
     if array.ndim != 2:
         hint = ""
         if array.ndim == 1:
             hint = "; for one sample pass x[None, :], for a batch of scalars x[:, None]"
-        expected = "(B, features)" if features is None else f"(B, {features})"
         raise ShapeError(
             f"{where}: `{name}` must be 2-D with shape {expected}, "
             f"got {array.ndim}-D shape {array.shape}{hint}"
         )
-    if features is not None and array.shape[1] != features:
-        raise ShapeError(
-            f"{where}: `{name}` must have shape (B, {features}), got {array.shape}"
-        )
-    return array
-
-
-def check_shape(array: np.ndarray, expected: tuple, *, where: str, name: str) -> None:
-    """Raise ShapeError unless `array.shape == expected`."""
-    if array.shape != expected:
+    if (features is not None and array.shape[1] != features) or (
+        batch is not None and array.shape[0] != batch
+    ):
         raise ShapeError(f"{where}: `{name}` must have shape {expected}, got {array.shape}")
+    return array

@@ -133,7 +133,7 @@ class Jacobian:
         if result is NotImplemented:
             result = other._add(self)
         if result is NotImplemented:
-            result = GeneralJacobian(self._to_dense() + other._to_dense())
+            result = GeneralJacobian(self._dense_view() + other._dense_view())
         return result
 
     __radd__ = __add__
@@ -172,14 +172,14 @@ class Jacobian:
 
     def to_sparse(self) -> sparse.csr_array:
         """The block-diagonal `(B*m, B*n)` matrix as a `scipy.sparse.csr_array`."""
-        return _blocks_to_sparse(self._to_dense())
+        return _blocks_to_sparse(self._dense_view())
 
     # ---- defaults for subclasses -------------------------------------------
     def _sum_vjp(self, g: np.ndarray) -> np.ndarray:
         return self._vjp(g).sum(axis=0)
 
     def _batch_sum(self) -> np.ndarray:
-        return self._to_dense().sum(axis=0)
+        return self._dense_view().sum(axis=0)
 
     def _dense_view(self) -> np.ndarray:
         """The blocks as a `(B, m, n)` array that the caller only reads (may be shared)."""
@@ -187,11 +187,11 @@ class Jacobian:
 
     def _apply(self, right: np.ndarray) -> np.ndarray:
         """`J_i @ R_i` for a dense stack `R` of shape `(B, n, k)` (or `(n, k)`)."""
-        return self._to_dense() @ right
+        return self._dense_view() @ right
 
     def _rapply(self, left: np.ndarray) -> np.ndarray:
         """`L_i @ J_i` for a dense stack `L` of shape `(B, k, m)` (or `(k, m)`)."""
-        return left @ self._to_dense()
+        return left @ self._dense_view()
 
     def _matmul(self, other: Jacobian):
         """A structured `self @ other`, or NotImplemented to let `other` try."""
@@ -205,7 +205,7 @@ class Jacobian:
         return NotImplemented
 
     def _scale(self, scalar) -> Jacobian:
-        return GeneralJacobian(scalar * self._to_dense())
+        return GeneralJacobian(scalar * self._dense_view())
 
     def _check_vectors(self, array, size: int, name: str, method: str) -> np.ndarray:
         array = array if isinstance(array, np.ndarray) else np.asarray(array)
@@ -270,7 +270,7 @@ class GeneralJacobian(Jacobian):
         return left @ self.data
 
     def _add(self, other):
-        return GeneralJacobian(self.data + other._to_dense())
+        return GeneralJacobian(self.data + other._dense_view())
 
     def _scale(self, scalar):
         return GeneralJacobian(scalar * self.data)
@@ -630,7 +630,7 @@ class _TransposedJacobian(Jacobian):
         return self.op._vjp(v)
 
     def _to_dense(self):
-        return self.op._to_dense().swapaxes(1, 2).copy()
+        return self.op._dense_view().swapaxes(1, 2).copy()
 
     def _transpose(self):
         return self.op

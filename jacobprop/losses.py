@@ -255,17 +255,15 @@ class SoftmaxCrossEntropy(Loss):
         return t
 
     @staticmethod
-    def _shifted_exp(y):
-        """`(y - rowmax, exp(y - rowmax), row sums of the exp)`."""
-        shifted, exps = stable_exp_shifted(y)
-        return shifted, exps, exps.sum(axis=1)
+    def _cross_entropies(shifted, log_sums, t):
+        """`-sum_k t_ik log p_ik` per sample from `y - rowmax` and its log-sum-exp."""
+        if t.ndim == 1:
+            return log_sums - shifted[np.arange(shifted.shape[0]), t]
+        return log_sums * t.sum(axis=1) - np.einsum("bm,bm->b", t, shifted)
 
     def _per_sample(self, y, t):
-        shifted, _, sums = self._shifted_exp(y)
-        log_sums = np.log(sums)
-        if t.ndim == 1:
-            return log_sums - shifted[np.arange(y.shape[0]), t]
-        return log_sums * t.sum(axis=1) - np.einsum("bm,bm->b", t, shifted)
+        shifted, exps = stable_exp_shifted(y)
+        return self._cross_entropies(shifted, np.log(np.add.reduce(exps, axis=1)), t)
 
     def _value_and_grad(self, y, t):
         batch = y.shape[0]
@@ -275,14 +273,11 @@ class SoftmaxCrossEntropy(Loss):
         log_sums = np.log(sums)
         probabilities /= sums[:, None]
         weight = 1.0 / batch if self.reduction == "mean" else 1.0
+        per_sample = self._cross_entropies(shifted, log_sums, t)
         if t.ndim == 1:
-            rows = np.arange(batch)
-            per_sample = log_sums - shifted[rows, t]
-            probabilities[rows, t] -= 1.0
+            probabilities[np.arange(batch), t] -= 1.0
         else:
-            mass = t.sum(axis=1)
-            per_sample = log_sums * mass - np.einsum("bm,bm->b", t, shifted)
-            probabilities *= mass[:, None]
+            probabilities *= t.sum(axis=1)[:, None]
             probabilities -= t
         probabilities *= weight
         return float(np.add.reduce(per_sample)) * weight, probabilities
@@ -312,13 +307,18 @@ class BinaryCrossEntropy(Loss):
             )
         return t
 
+    @staticmethod
+    def _entries(y, t):
+        """`softplus(y) - t y`, elementwise `(B, m)`."""
+        return -log_expit(-y) - t * y
+
     def _per_sample(self, y, t):
-        return (-log_expit(-y) - t * y).mean(axis=1)
+        return self._entries(y, t).mean(axis=1)
 
     def _value_and_grad(self, y, t):
         batch, m = y.shape
         weight = self._weight(batch)
-        value = float((-log_expit(-y) - t * y).sum()) * weight / m
+        value = float(self._entries(y, t).sum()) * weight / m
         grad = expit(y)
         grad -= t
         grad *= weight / m

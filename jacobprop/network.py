@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import ShapeError, check_batch_matrix, check_shape
+from .errors import ShapeError, check_batch_matrix
 from .jacobian import GeneralJacobian, Jacobian, _compose, chain_cost, multiply_chain
 from .layers.base import Layer
 from .losses import Loss
@@ -195,9 +195,9 @@ class Sequential(Layer):
 
     def _check_cotangent(self, cache, g):
         expected = cache.y.shape
-        g = check_batch_matrix(g, where="Sequential", name="g", features=expected[1])
-        check_shape(g, expected, where="Sequential", name="g")
-        return g
+        return check_batch_matrix(
+            g, where="Sequential", name="g", features=expected[1], batch=expected[0]
+        )
 
     # ---- the public network API ------------------------------------------------------
     def jacobian(self, x_or_cache, order: str = "auto") -> Jacobian:

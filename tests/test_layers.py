@@ -158,7 +158,7 @@ def test_bad_input_names_layer_argument_expected_and_got(bad, error, message):
 def test_bad_cotangent_and_tangent_shapes():
     layer = jp.Dense(4, 2, rng=np.random.default_rng(0))
     _, cache = layer.forward(np.ones((3, 4)))
-    with pytest.raises(jp.ShapeError, match=r"Dense: `g` must have shape \(B, 2\)"):
+    with pytest.raises(jp.ShapeError, match=r"Dense: `g` must have shape \(3, 2\), got \(3, 4\)"):
         layer.vjp(cache, np.ones((3, 4)))
     with pytest.raises(jp.ShapeError, match=r"`g` must have shape \(3, 2\), got \(2, 2\)"):
         layer.vjp(cache, np.ones((2, 2)))

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import check_batch_matrix, check_shape
+from ..errors import check_batch_matrix
 from ..jacobian import Jacobian
 
 __all__ = ["Layer", "LAYERS", "register_layer"]
@@ -97,8 +97,9 @@ class Layer:
     def jvp(self, cache, v) -> np.ndarray:
         """`dy/dx @ v` per sample, `v` `(B, n)` -> `(B, m)`."""
         x = cache.x
-        v = check_batch_matrix(v, where=self._where, name="v", features=x.shape[1])
-        check_shape(v, x.shape, where=self._where, name="v")
+        v = check_batch_matrix(
+            v, where=self._where, name="v", features=x.shape[1], batch=x.shape[0]
+        )
         return self._jvp(cache, v)
 
     def jacobian(self, cache) -> Jacobian:
@@ -145,6 +146,6 @@ class Layer:
     def _check_cotangent(self, cache, g) -> np.ndarray:
         x = cache.x
         expected = (x.shape[0], self.output_dim(x.shape[1]))
-        g = check_batch_matrix(g, where=self._where, name="g", features=expected[1])
-        check_shape(g, expected, where=self._where, name="g")
-        return g
+        return check_batch_matrix(
+            g, where=self._where, name="g", features=expected[1], batch=expected[0]
+        )
