@@ -588,7 +588,7 @@ class _Evaluator:
 class _LossDiffs:
     """`L(perturbed) - L(base)` from per-sample losses, for many perturbations at once."""
 
-    def __init__(self, loss: Loss, t, y0: np.ndarray):
+    def __init__(self, loss: Loss, t, y0: np.ndarray, kink_floor: float):
         self.loss = loss
         self.t = _as_float64(t)
         self.ps0 = np.asarray(loss.per_sample(y0, self.t), dtype=np.float64)
@@ -603,7 +603,7 @@ class _LossDiffs:
         self._tiled: dict[int, np.ndarray] = {}
         # A network computing in float32 that hits a loss kink exactly (RMSE at zero
         # error) is off it by float32 rounding in the float64 copy: still at the kink.
-        self.kink_floor = 0.0
+        self.kink_floor = kink_floor
 
     def per_sample(self, y: np.ndarray) -> np.ndarray:
         groups, batch, m = y.shape
@@ -678,6 +678,17 @@ def _combine(d: dict, h: np.ndarray, richardson: bool, reach) -> _Differences:
         half = (d[0.5] - d[-0.5]) / h
         central = (4 * half - central) / 3
     return _Differences(central, d[1.0] / h, -d[-1.0] / h, d[1.0], d[-1.0], reach, h)
+
+
+def _step(richardson: bool) -> float:
+    """The relative step: `eps^(1/5)` with Richardson extrapolation, else `eps^(1/3)`."""
+    return RICHARDSON_STEP if richardson else CENTRAL_STEP
+
+
+def _method(fast: bool, richardson: bool) -> str:
+    """How a report names its finite differences."""
+    return ("directional, " if fast else "") + (
+        "Richardson" if richardson else "central differences")
 
 
 def _scales(richardson: bool) -> tuple[float, ...]:
@@ -899,7 +910,7 @@ def numerical_jacobian(f: Callable, x, *, eps: float | None = None, richardson: 
     if step == 0.0:
         raise ValueError(f"{where}: `eps` must be > 0, got {eps!r}")
     if step is None:
-        step = RICHARDSON_STEP if richardson else CENTRAL_STEP
+        step = _step(richardson)
     if per_sample:
         x = np.array(check_batch_matrix(x, where=where, name="x"), dtype=np.float64)
         batch, n = x.shape
@@ -1085,7 +1096,7 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     y, cache = layer.forward(x)
     dtype = np.result_type(y.dtype, np.float32)
     rtol, atol = _resolve_rtol(where, dtype, rtol, atol, richardson)
-    step = RICHARDSON_STEP if richardson else CENTRAL_STEP
+    step = _step(richardson)
     x_live = cache.x
     batch, n = x_live.shape
     m = y.shape[1]
@@ -1198,8 +1209,7 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
             name, None, type_name, "<J u, v> == <u, J^T v>", batch * m * n, float("nan"),
             discrepancy, None, float("nan"), float("nan"), discrepancy <= limit))
 
-    method = ("directional, " if fast else "") + (
-        "Richardson" if richardson else "central differences")
+    method = _method(fast, richardson)
     report = GradcheckReport(
         f"check_layer {type_name} at x of shape {x_live.shape} ({np.dtype(y.dtype).name})",
         entries, evaluations, method, rtol, atol)
@@ -1291,11 +1301,10 @@ def _attribute(leaves, x, t, loss, rtol, atol, rng) -> str:
 
 
 class _Setup(NamedTuple):
-    """A validated network check: the stack, its analytic gradients, the float64 evaluator."""
+    """A validated network check: its analytic gradients and the float64 evaluator."""
 
-    seq: Sequential
     rng: np.random.Generator
-    analytic: dict  # key -> analytic gradient (float64)
+    analytic: dict  # key -> analytic gradient, in the network's dtype
     x: np.ndarray  # the validated network input
     y: np.ndarray  # the network output
     leaves: list
@@ -1313,9 +1322,8 @@ def _prepare(where, net, x, t, loss, mode, rng) -> _Setup:
     analytic, y, cache = _analytic(where, seq, x, t, loss, mode)
     leaves = _flatten(seq, "")
     ev = _Evaluator(leaves, np.asarray(cache.x, dtype=np.float64))
-    losses = _LossDiffs(loss, t, ev.acts[-1])
-    losses.kink_floor = _kink_floor(y)
-    return _Setup(seq, rng, analytic, cache.x, y, leaves, ev, losses, _entries_of(leaves))
+    losses = _LossDiffs(loss, t, ev.acts[-1], _kink_floor(y))
+    return _Setup(rng, analytic, cache.x, y, leaves, ev, losses, _entries_of(leaves))
 
 
 def gradcheck(net: Layer, x, t, loss: Loss, *, fast: bool = False, richardson: bool = False,
@@ -1365,13 +1373,13 @@ def gradcheck(net: Layer, x, t, loss: Loss, *, fast: bool = False, richardson: b
     kink splits if any.
     """
     where = "gradcheck"
-    seq, rng, analytic, x, y, leaves, ev, losses, spec = _prepare(
+    rng, analytic, x, y, leaves, ev, losses, spec = _prepare(
         where, net, x, t, loss, mode, rng
     )
     user_rtol = rtol
     rtol, atol = _resolve_rtol(where, np.result_type(y.dtype, np.float32), rtol, atol,
                                richardson)
-    step = RICHARDSON_STEP if richardson else CENTRAL_STEP
+    step = _step(richardson)
     evaluations = 1
     diffs = {}
     if fast:
@@ -1400,8 +1408,7 @@ def gradcheck(net: Layer, x, t, loss: Loss, *, fast: bool = False, richardson: b
                                       atol, floor, label, type_name)
         evaluations += cost
         entries.append(entry)
-    method = ("directional, " if fast else "") + (
-        "Richardson" if richardson else "central differences")
+    method = _method(fast, richardson)
     report = GradcheckReport(
         f"gradcheck {type(net).__name__} ({len(leaves)} layers), loss {type(loss).__name__}, "
         f"{np.dtype(y.dtype).name} (differences in float64), gradients by {mode}",
@@ -1580,7 +1587,7 @@ def taylor_test(net: Layer, x, t, loss: Loss, *, direction: dict | None = None,
     which would show as order 1 at small steps.
     """
     where = "taylor_test"
-    seq, rng, analytic, x, y, leaves, ev, losses, spec = _prepare(
+    rng, analytic, x, y, leaves, ev, losses, spec = _prepare(
         where, net, x, t, loss, mode, rng
     )
     bases = {key: ev.point(index, name) for key, index, name in spec}
