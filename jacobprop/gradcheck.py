@@ -64,8 +64,9 @@ test is *accepted at a kink* when, and only when,
 
 The report counts the entries accepted this way; they are left out of the
 error columns. `check_layer` applies the same rule entry by entry of the
-Jacobian: entry `(i, r, j)` is accepted between its one-sided differences
-when moving `x_ij` (or the parameter) reaches a kink in sample i. The Taylor
+Jacobian: entry `(i, r, j)` is accepted between its one-sided differences, or
+inside the interval chain rule with the output `y_ir` in the role of `L`, when
+moving `x_ij` (or the parameter) reaches a kink in sample i. The Taylor
 test leaves out the steps that reach a kink, and says it cannot judge when
 the smallest steps all do.
 
@@ -817,6 +818,60 @@ def _kink_interval(ev, losses, start, plus, minus, h, budget):
     return lo, hi, magnitude
 
 
+def _coordinate_points(ev, index, name, coord, h):
+    """`(start, plus, minus)`: the inputs (B, w) of leaf `start` with entry `coord` of the
+    flat input (`index` None) or of the flat parameter moved by `+h` and `-h`."""
+    if index is None:
+        plus, minus = ev.point(None, None).copy(), ev.point(None, None).copy()
+        plus.reshape(-1)[coord] += h
+        minus.reshape(-1)[coord] -= h
+        return 0, plus, minus
+    plus = ev.param_outputs(index, name, np.array([coord]), np.array([h]))[0]
+    minus = ev.param_outputs(index, name, np.array([coord]), np.array([-h]))[0]
+    return index + 1, plus, minus
+
+
+class _Output:
+    """Output `y[sample, row]` in the role of the loss, for the kink split of a Jacobian entry."""
+
+    def __init__(self, y0: np.ndarray, sample: int, row: int):
+        self.sample, self.row, self.base = sample, row, y0[sample, row]
+
+    def per_sample(self, y: np.ndarray) -> np.ndarray:
+        return y[:, self.sample, self.row]
+
+    def diffs(self, values: np.ndarray) -> np.ndarray:
+        return values - self.base
+
+
+def _jacobian_split(ev, y0, index, name, h, shape):
+    """`split(coord, budget)` for entry `(i, r, j)` of a Jacobian `shape` (B, m, k), of the
+    input (`index` None, steps `h` (B, n)) or of a parameter (steps `h` (k,))."""
+
+    def split(coord, budget):
+        sample, row, col = (int(i) for i in np.unravel_index(coord, shape))
+        if index is None:
+            coord, step = sample * shape[2] + col, h[sample, col]
+        else:
+            coord, step = col, h[col]
+        start, plus, minus = _coordinate_points(ev, index, name, coord, step)
+        return _kink_interval(ev, _Output(y0, sample, row), start, plus, minus, step, budget)
+
+    return split
+
+
+def _direction_split(ev, y0, points, step):
+    """`split(coord, budget)` for entry `(j, i, r)` of directional derivatives along the
+    directions whose `(start, plus, minus)` are `points[j]`."""
+
+    def split(coord, budget):
+        j, sample, row = (int(i) for i in np.unravel_index(coord, (len(points), *y0.shape)))
+        start, plus, minus = points[j]
+        return _kink_interval(ev, _Output(y0, sample, row), start, plus, minus, step, budget)
+
+    return split
+
+
 def _judge(a, diff: _Differences, tol, slack_unit, floor, losses=None, split=None):
     """`(passed, accepted_at_kink, evaluations)` per entry (flat arrays)."""
     numeric = diff.numeric.reshape(-1)
@@ -1088,7 +1143,8 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     The analytic-vs-analytic comparisons use `1e3 eps(dtype)` times the sum
     of the absolute terms of each product, whatever `rtol` is. Kinks: an entry
     `(i, r, j)` of a Jacobian whose column j reaches a kink in sample i is
-    accepted between its one-sided differences (module docstring).
+    accepted between its one-sided differences or inside the interval chain
+    rule for `y_ir` (module docstring).
     """
     where = "check_layer"
     _check_layer_argument(where, "layer", layer)
@@ -1115,7 +1171,8 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     evaluations = 0
 
     # -- finite differences of the forward pass ------------------------------------------
-    fd = []  # (name, analytic, differences, |terms| of the analytic products, shape)
+    # (name, analytic, differences, |terms| of the analytic products, shape, kink split)
+    fd = []
     targets = [("dy/dx", None, None, dense)] + [
         (f"dy/d{key}", *locate[key], pd) for key, pd in param_dense.items()
     ]
@@ -1126,21 +1183,26 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
             d = {s: np.empty(shape) for s in _scales(richardson)}
             reach = np.zeros(shape, dtype=bool)
             analytic, terms = np.empty(shape), np.empty(shape)
+            points = []
             for j in range(_DIRECTIONS):
                 direction = _random_direction(rng, point)
+                moved = {}
                 for s in d:
                     start, rows = ev.direction_point(index, name, s * step * direction)
                     out, crossed = ev.run(start, rows[None])
                     d[s][j] = out[0] - y0
+                    moved[s] = rows
                     if abs(s) == 1.0:
                         reach[j] |= crossed[0][:, None]
+                points.append((start, moved[1.0], moved[-1.0]))
                 # dy/dx acts per sample on (B, n); a parameter direction is shared by all.
                 spec = "bmn,bn->bm" if index is None else "bmk,k->bm"
                 flat = direction if index is None else direction.reshape(-1)
                 analytic[j] = np.einsum(spec, jac_dense, flat)
                 terms[j] = np.einsum(spec, np.abs(jac_dense), np.abs(flat))
             evaluations += len(d) * _DIRECTIONS
-            fd.append((label, analytic, _combine(d, step, richardson, reach), terms, shape))
+            fd.append((label, analytic, _combine(d, step, richardson, reach), terms, shape,
+                       _direction_split(ev, y0, points, step)))
             continue
         # Column j of dy/dx or dy/dp, (B, m), is the output's change under coordinate j.
         h = step * np.maximum(1.0, np.abs(point if index is None else point.reshape(-1)))
@@ -1154,14 +1216,14 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
         evaluations += len(d) * shape[2]
         steps = h[:, None, :] if index is None else h[None, None, :]
         fd.append((label, jac_dense, _combine(d, steps, richardson, reach), np.abs(jac_dense),
-                   shape))
+                   shape, _jacobian_split(ev, y0, index, name, h, shape)))
 
     scale = max([float(np.abs(a).max(initial=0.0)) for _, a, *_ in fd]
                 + [float(np.abs(df.numeric).max(initial=0.0)) for _, _, df, *_ in fd])
     floor = _FLOOR * scale
     noise_base = _LAYER_NOISE * _EPS * np.abs(y0)
     entries = []
-    for name, analytic, diff, terms, shape in fd:
+    for name, analytic, diff, terms, shape, split in fd:
         a = np.asarray(analytic, dtype=np.float64).reshape(-1)
         numeric = diff.numeric.reshape(-1)
         hs = np.broadcast_to(diff.steps, shape).reshape(-1)
@@ -1171,7 +1233,8 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
         terms = np.broadcast_to(terms, shape).reshape(-1)
         tol = base + rtol * np.maximum(terms, np.abs(numeric))
         slack_unit = _KINK_SLACK * step
-        passed, accepted, _ = _judge(a, diff, tol, slack_unit, floor)
+        passed, accepted, cost = _judge(a, diff, tol, slack_unit, floor, split=split)
+        evaluations += cost
         entries.append(_entry(name, None, type_name, "directional" if fast
                               else "finite differences", a, numeric, tol, floor, passed,
                               accepted, shape))
@@ -1431,16 +1494,8 @@ def _full_entry(ev, losses, key, index, name, a, diff, step, rtol, atol, floor, 
     slack_unit = _KINK_SLACK * step
 
     def split(coord, budget):
-        h = hs[coord]
-        if index is None:
-            sample, col = np.unravel_index(coord, a.shape)
-            plus, minus = ev.point(None, None).copy(), ev.point(None, None).copy()
-            plus[sample, col] += h
-            minus[sample, col] -= h
-            return _kink_interval(ev, losses, 0, plus, minus, h, budget)
-        plus = ev.param_outputs(index, name, np.array([coord]), np.array([h]))[0]
-        minus = ev.param_outputs(index, name, np.array([coord]), np.array([-h]))[0]
-        return _kink_interval(ev, losses, index + 1, plus, minus, h, budget)
+        start, plus, minus = _coordinate_points(ev, index, name, coord, hs[coord])
+        return _kink_interval(ev, losses, start, plus, minus, hs[coord], budget)
 
     passed, accepted, cost = _judge(flat_a, diff, tol, slack_unit, floor, losses, split)
     return _entry(key, label, type_name, "finite differences", flat_a, numeric, tol, floor,

@@ -307,6 +307,27 @@ def test_a_wrong_slope_at_a_kink_is_still_caught():
     assert not jp.check_layer(BadKinkReLU(), x)["dy/dx"].passed
 
 
+@pytest.mark.parametrize("layer_name", [*KINKED, "BadKinkReLU"])
+def test_check_layer_of_a_stack_judges_a_whole_sample_at_a_kink_by_the_chain_rule(layer_name):
+    # Every pre-activation of sample 0 is exactly at the kink and moves with each of its
+    # inputs: the stack's one-sided slopes need not bracket the layer's convention there,
+    # the interval chain rule does -- and still rejects a slope outside the one-sided ones.
+    cls = BadKinkReLU if layer_name == "BadKinkReLU" else jp.LAYERS[layer_name]
+    rng = np.random.default_rng(30)
+    first = jp.Dense(4, 6, rng=rng)
+    first.params["b"][:] = cls.kinks[0]
+    net = jp.Sequential(first, cls.example(6, rng=rng), jp.Dense(6, 3, rng=rng))
+    x = rng.standard_normal((3, 4))
+    x[0] = 0.0
+    for kwargs in ({}, {"fast": True}, {"richardson": True}):
+        report = jp.check_layer(net, x, rng=rng, **kwargs)
+        if cls is BadKinkReLU:
+            assert {e.name for e in report.failures} == {"dy/dx", "dy/d0.b"}, str(report)
+        else:
+            assert report.ok, str(report)
+            assert report.kink_accepted > 0
+
+
 @pytest.mark.parametrize("layer_name", LAYER_NAMES)
 def test_check_layer_passes_on_every_registered_layer(layer_name):
     rng = np.random.default_rng(15)
