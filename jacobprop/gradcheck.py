@@ -438,7 +438,8 @@ def _crossed(z: np.ndarray, z0: np.ndarray, kinks: tuple) -> np.ndarray:
     """Mask of the elements of `z` (G, B, w) that moved from `z0` (B, w) onto or across a kink."""
     hit = np.zeros(z.shape, dtype=bool)
     for kink in kinks:
-        hit |= np.sign(z - kink) * np.sign(z0 - kink) <= 0
+        # sign(z - k) sign(z0 - k) <= 0, without taking the sign of the large array.
+        hit |= (z - kink) * np.sign(z0 - kink) <= 0
     return hit & (z != z0)
 
 
