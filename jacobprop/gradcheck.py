@@ -393,6 +393,16 @@ def _check_loss(where: str, loss) -> None:
         raise TypeError(f"{where}: `loss` must be a jacobprop Loss, got {type(loss).__name__}")
 
 
+def _check_gradient_shapes(where: str, source: str, grads: dict, params: dict) -> None:
+    """Every gradient has its parameter's shape (a wrong one could broadcast unnoticed)."""
+    for key, grad in grads.items():
+        if np.shape(grad) != np.shape(params[key]):
+            raise ShapeError(
+                f"{where}: {source} returned a gradient of shape {np.shape(grad)} for "
+                f"`{key}`, whose parameter has shape {np.shape(params[key])}"
+            )
+
+
 def _check_mode(where: str, mode) -> None:
     if mode not in ("vjp", "jacobian"):
         raise ValueError(f"{where}: `mode` must be 'vjp' or 'jacobian', got {mode!r}")
@@ -1249,14 +1259,10 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
         "vjp dx", None, type_name, "vjp vs Jacobian", gx,
         np.einsum("bm,bmn->bn", g64, dense),
         np.einsum("bm,bmn->bn", np.abs(g64), np.abs(dense)), dtype, (batch, n)))
+    _check_gradient_shapes(where, f"{type_name}.vjp", grads, layer.params)
     for key, pd in param_dense.items():
         got = grads[key]
         expected = np.einsum("bm,bmk->k", g64, pd)
-        if np.shape(got) != np.shape(layer.params[key]):
-            raise ShapeError(
-                f"{where}: {type_name}.vjp returned a gradient of shape {np.shape(got)} for "
-                f"`{key}`, whose shape is {np.shape(layer.params[key])}"
-            )
         entries.append(_consistency_entry(
             f"vjp d{key}", None, type_name, "vjp vs Jacobian", got, expected,
             np.einsum("bm,bmk->k", np.abs(g64), np.abs(pd)), dtype, np.shape(got)))
@@ -1303,13 +1309,8 @@ def _analytic(where, seq: Sequential, x, t, loss: Loss, mode: str):
     else:
         _, grads = seq.value_and_grad(x, t, loss, mode="jacobian")
         gx = (loss.jacobian(y, t) @ seq.jacobian(cache)).to_dense()[:, 0, :]
-    params = seq.params
-    for key, grad in grads.items():
-        if np.shape(grad) != params[key].shape:
-            raise ShapeError(
-                f"{where}: the gradient of `{key}` has shape {np.shape(grad)}, "
-                f"but the parameter has shape {params[key].shape}"
-            )
+    _check_gradient_shapes(where, f"the {mode} backward of {type(seq).__name__}", grads,
+                           seq.params)
     analytic = dict(grads)
     analytic["x"] = gx
     return analytic, y, cache

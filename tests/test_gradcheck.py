@@ -613,6 +613,26 @@ def test_argument_errors():
         jp.taylor_test(net, x, t, "mse")
 
 
+class LongBiasGradDense(jp.Dense):
+    """dL/db with one entry too many (not registered): it must not reach a comparison."""
+
+    def _vjp(self, cache, g, need_input):
+        gx, grads = super()._vjp(cache, g, need_input)
+        grads["b"] = np.append(grads["b"], 0.0)
+        return gx, grads
+
+
+def test_a_gradient_of_the_wrong_shape_is_a_shape_error_naming_the_key():
+    rng = np.random.default_rng(32)
+    layer = LongBiasGradDense(3, 2, rng=rng)
+    x, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    with pytest.raises(jp.ShapeError, match=r"check_layer: LongBiasGradDense.vjp .*\(3,\) "
+                                             r"for `b`, whose parameter has shape \(2,\)"):
+        jp.check_layer(layer, x)
+    with pytest.raises(jp.ShapeError, match=r"gradcheck: the vjp backward .*`0.b`"):
+        jp.gradcheck(jp.Sequential(layer), x, t, jp.MSE())
+
+
 def test_default_tolerances_follow_the_step():
     eps = np.finfo(np.float64).eps
     assert CENTRAL_STEP == pytest.approx(eps ** (1 / 3))
