@@ -31,7 +31,12 @@ def catches(kind: str, mode: str) -> bool:
     return True
 
 
-def setup(mutant, seed=0):
+def mutant_problem(mutant, seed=0):
+    """`(net, index of the mutant, x, t, loss, rng)`.
+
+    Not named `setup`: pytest 7 (allowed by the `test` extra) calls a module-level
+    `setup` as nose-style module set-up, with the module as its argument.
+    """
     rng = np.random.default_rng(seed)
     net, index, width = network_with(mutant, rng=rng)
     x = rng.standard_normal((5, width))
@@ -49,7 +54,7 @@ def test_mutants_are_not_registered():
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda cls: cls.__name__)
 def test_gradcheck_catches_exactly_the_mutants_it_applies_to(mutant, mode):
     kind, _ = EXPECTED[mutant]
-    net, index, x, t, loss, rng = setup(mutant)
+    net, index, x, t, loss, rng = mutant_problem(mutant)
     report = jp.gradcheck(net, x, t, loss, rng=rng, **NETWORK_MODES[mode])
     if not catches(kind, mode):
         assert report.ok, str(report)
@@ -65,7 +70,7 @@ def test_gradcheck_catches_exactly_the_mutants_it_applies_to(mutant, mode):
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda cls: cls.__name__)
 def test_taylor_catches_exactly_the_gradient_bugs(mutant):
     kind, _ = EXPECTED[mutant]
-    net, index, x, t, loss, rng = setup(mutant)
+    net, index, x, t, loss, rng = mutant_problem(mutant)
     result = jp.taylor_test(net, x, t, loss, rng=rng)
     if not catches(kind, "full"):
         assert result.ok, str(result)
@@ -111,7 +116,7 @@ def test_a_vjp_bug_only_in_one_sample_shows_with_batches_only():
     from mutants import FirstSampleReLU
 
     rng = np.random.default_rng(3)
-    net, _, _, _, loss, _ = setup(FirstSampleReLU)
+    net, _, _, _, loss, _ = mutant_problem(FirstSampleReLU)
     x, t = rng.standard_normal((1, 4)), rng.standard_normal((1, 3))
     assert jp.gradcheck(net, x, t, loss).ok
     assert jp.check_layer(FirstSampleReLU(), rng.standard_normal((1, 6))).ok
