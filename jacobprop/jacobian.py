@@ -22,10 +22,13 @@ which is why the explicit backward mode gets `dL/dW = G^T X` in one matmul.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import scipy.sparse as sparse
 from scipy.sparse.linalg import LinearOperator
 
+from .dispatch import resolve_dispatch, standard
 from .errors import ShapeError
 
 __all__ = [
@@ -53,6 +56,13 @@ class Jacobian:
 
     # Necessary for `ndarray @ Jacobian` to reach `__rmatmul__`.
     __array_ufunc__ = None
+    #: Internal products call `_call_vjp` / `_call_jvp`, bound once per class to
+    #: the private method or to a subclass's public override (`dispatch.py`).
+    _DISPATCH: ClassVar[dict[str, str]] = {"vjp": "_vjp", "jvp": "_jvp"}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        resolve_dispatch(cls)
     kind = "abstract"
     shape: tuple[int, int, int]
     dtype: np.dtype
@@ -74,10 +84,12 @@ class Jacobian:
         return f"{type(self).__name__}(shape={self.shape}, dtype={np.dtype(self.dtype).name})"
 
     # ---- products with vectors ---------------------------------------------
+    @standard
     def vjp(self, g) -> np.ndarray:
         """Row-vector products `g_i @ J_i`: `g` is `(B, m)`, the result `(B, n)`."""
         return self._vjp(self._check_vectors(g, self.out_dim, "g", "vjp"))
 
+    @standard
     def jvp(self, v) -> np.ndarray:
         """Column-vector products `J_i @ v_i`: `v` is `(B, n)`, the result `(B, m)`."""
         return self._jvp(self._check_vectors(v, self.in_dim, "v", "jvp"))
@@ -160,11 +172,11 @@ class Jacobian:
         batch, m, n = op.shape
 
         def matvec(v):
-            return op._jvp(np.reshape(v, (batch, n))).reshape(-1)
+            return op._call_jvp(np.reshape(v, (batch, n))).reshape(-1)
 
         def rmatvec(u):
             # LinearOperator's adjoint conjugates; the blocks are real.
-            return op._vjp(np.reshape(u, (batch, m))).reshape(-1)
+            return op._call_vjp(np.reshape(u, (batch, m))).reshape(-1)
 
         return LinearOperator(
             (batch * m, batch * n), matvec=matvec, rmatvec=rmatvec, dtype=op.dtype
@@ -174,9 +186,16 @@ class Jacobian:
         """The block-diagonal `(B*m, B*n)` matrix as a `scipy.sparse.csr_array`."""
         return _blocks_to_sparse(self._dense_view())
 
+    # ---- adapters: how internal paths call a user's public override --------
+    def _public_vjp(self, g):
+        return self.vjp(g)
+
+    def _public_jvp(self, v):
+        return self.jvp(v)
+
     # ---- defaults for subclasses -------------------------------------------
     def _sum_vjp(self, g: np.ndarray) -> np.ndarray:
-        return self._vjp(g).sum(axis=0)
+        return self._call_vjp(g).sum(axis=0)
 
     def _batch_sum(self) -> np.ndarray:
         return self._dense_view().sum(axis=0)
@@ -565,16 +584,16 @@ class KroneckerJacobian(Jacobian):
         self.dtype = x.dtype if x.dtype == left.dtype else np.result_type(left.dtype, x.dtype)
 
     def _vjp(self, g):
-        u = self.left._vjp(g)
+        u = self.left._call_vjp(g)
         return (u[:, :, None] * self.x[:, None, :]).reshape(self.batch_size, -1)
 
     def _jvp(self, v):
         batch, p, q = self.batch_size, self.left.in_dim, self.x.shape[1]
         w = (v.reshape(batch, p, q) @ self.x[:, :, None])[:, :, 0]
-        return self.left._jvp(w)
+        return self.left._call_jvp(w)
 
     def _sum_vjp(self, g):
-        return (self.left._vjp(g).T @ self.x).reshape(-1)
+        return (self.left._call_vjp(g).T @ self.x).reshape(-1)
 
     def _batch_sum(self):
         batch, k, p = self.left.shape
@@ -624,10 +643,10 @@ class _TransposedJacobian(Jacobian):
         self.dtype = op.dtype
 
     def _vjp(self, g):
-        return self.op._jvp(g)
+        return self.op._call_jvp(g)
 
     def _jvp(self, v):
-        return self.op._vjp(v)
+        return self.op._call_vjp(v)
 
     def _to_dense(self):
         return self.op._dense_view().swapaxes(1, 2).copy()

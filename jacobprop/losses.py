@@ -14,6 +14,7 @@ from typing import ClassVar
 import numpy as np
 from scipy.special import expit, log_expit
 
+from .dispatch import resolve_dispatch, standard
 from .errors import ShapeError, check_batch_matrix
 from .jacobian import GeneralJacobian
 from .layers.activations import stable_exp_shifted
@@ -54,6 +55,18 @@ class Loss:
     #: `L` is a (weighted) sum of per-sample losses, so it changes by the sum of
     #: their changes; finite-difference checks batch many perturbations on that.
     separable: ClassVar[bool] = True
+    #: Internal code calls `_call_value`, `_call_value_and_grad` and
+    #: `_call_per_sample` (validated `y`, `t`): the private method, or the
+    #: public override of a subclass (`dispatch.py`).
+    _DISPATCH: ClassVar[dict[str, str]] = {
+        "value": "_value",
+        "value_and_grad": "_value_and_grad",
+        "per_sample": "_per_sample",
+    }
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        resolve_dispatch(cls)
 
     def __init__(self, reduction: str = "mean"):
         if reduction not in ("mean", "sum"):
@@ -66,16 +79,18 @@ class Loss:
         return f"{type(self).__name__}(reduction={self.reduction!r})"
 
     # ---- public API ----------------------------------------------------------
+    @standard
     def value(self, y, t) -> float:
         """`L(y, t)`, a Python float."""
         y, t = self._check(y, t)
-        return self._reduce(self._per_sample(y, t))
+        return self._value(y, t)
 
     def grad(self, y, t) -> np.ndarray:
         """`dL/dy`, shape `(B, m)`."""
         y, t = self._check(y, t)
-        return self._value_and_grad(y, t)[1]
+        return self._call_value_and_grad(y, t)[1]
 
+    @standard
     def value_and_grad(self, y, t) -> tuple[float, np.ndarray]:
         """`(L, dL/dy)` in one pass."""
         y, t = self._check(y, t)
@@ -85,6 +100,7 @@ class Loss:
         """`dL/dy` as a `(B, 1, m)` operator: block i is the row `dL/dy_i`."""
         return GeneralJacobian(self.grad(y, t)[:, None, :])
 
+    @standard
     def per_sample(self, y, t) -> np.ndarray:
         """The per-sample losses `l(y_i, t_i)`, shape `(B,)`."""
         y, t = self._check(y, t)
@@ -99,7 +115,20 @@ class Loss:
         """A valid random target for outputs of `shape` `(B, m)`."""
         return rng.standard_normal(shape).astype(dtype)
 
+    # ---- adapters: how internal paths call a user's public override --------
+    def _public_value(self, y, t):
+        return self.value(y, t)
+
+    def _public_value_and_grad(self, y, t):
+        return self.value_and_grad(y, t)
+
+    def _public_per_sample(self, y, t):
+        return self.per_sample(y, t)
+
     # ---- shared machinery ---------------------------------------------------
+    def _value(self, y, t) -> float:
+        return self._reduce(self._call_per_sample(y, t))
+
     def _weight(self, batch: int) -> float:
         return 1.0 / batch if self.reduction == "mean" else 1.0
 
@@ -131,6 +160,9 @@ class Loss:
 
     def _value_and_grad(self, y, t):
         raise NotImplementedError
+
+
+resolve_dispatch(Loss)
 
 
 @register_loss

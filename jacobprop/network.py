@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .dispatch import standard
 from .errors import ShapeError, check_batch_matrix
 from .jacobian import GeneralJacobian, Jacobian, _compose, chain_cost, multiply_chain
 from .layers.base import Layer
@@ -146,7 +147,7 @@ class Sequential(Layer):
     def _forward(self, x):
         caches = []
         for layer in self._layers:
-            x, cache = layer._forward(x)
+            x, cache = layer._call_forward(x)
             caches.append(cache)
         return x, SequentialCache(caches[0].x, tuple(caches), x)
 
@@ -154,18 +155,20 @@ class Sequential(Layer):
         caches = cache.caches
         per_layer = [None] * len(self._layers)
         for index in range(len(self._layers) - 1, -1, -1):
-            g, per_layer[index] = self._layers[index]._vjp(
+            g, per_layer[index] = self._layers[index]._call_vjp(
                 caches[index], g, need_input or index > 0
             )
         return g, self._collect(enumerate(per_layer))
 
     def _jvp(self, cache, v):
         for layer, layer_cache in zip(self._layers, cache.caches, strict=True):
-            v = layer._jvp(layer_cache, v)
+            v = layer._call_jvp(layer_cache, v)
         return v
 
     def _jacobian(self, cache, order="auto"):
-        ops = [layer._jacobian(c) for layer, c in zip(self._layers, cache.caches, strict=True)]
+        ops = [
+            layer._call_jacobian(c) for layer, c in zip(self._layers, cache.caches, strict=True)
+        ]
         return multiply_chain(ops[::-1], order)
 
     def _param_jacobians(self, cache):
@@ -175,12 +178,12 @@ class Sequential(Layer):
         per_layer = []
         for index in range(len(self._layers) - 1, -1, -1):
             layer, layer_cache = self._layers[index], cache.caches[index]
-            own = layer._param_jacobians(layer_cache)
+            own = layer._call_param_jacobians(layer_cache)
             per_layer.append(
                 (index, {name: op if suffix is None else suffix @ op for name, op in own.items()})
             )
             if index > 0:
-                step = layer._jacobian(layer_cache)
+                step = layer._call_jacobian(layer_cache)
                 suffix = step if suffix is None else suffix @ step
         return self._collect(reversed(per_layer))
 
@@ -200,6 +203,7 @@ class Sequential(Layer):
         )
 
     # ---- the public network API ------------------------------------------------------
+    @standard
     def jacobian(self, x_or_cache, order: str = "auto") -> Jacobian:
         """The full input-output Jacobian dy/dx, `(B, m, n)`.
 
@@ -229,7 +233,9 @@ class Sequential(Layer):
             cache = x_or_cache
         else:
             _, cache = self._forward(self._check_input(x_or_cache))
-        ops = [layer._jacobian(c) for layer, c in zip(self._layers, cache.caches, strict=True)]
+        ops = [
+            layer._call_jacobian(c) for layer, c in zip(self._layers, cache.caches, strict=True)
+        ]
         return chain_cost(ops[::-1], order)[0]
 
     def value_and_grad(self, x, t, loss: Loss, mode: str = "vjp", dense: bool = False):
@@ -262,7 +268,7 @@ class Sequential(Layer):
                             f"got {type(loss).__name__}")
         y, cache = self._forward(self._check_input(x))
         # `y` comes from our own forward pass: only the target needs checking.
-        value, g = loss._value_and_grad(y, loss._validated_target(y, t))
+        value, g = loss._call_value_and_grad(y, loss._validated_target(y, t))
         if mode == "vjp":
             return value, self._vjp(cache, g, False)[1]
         return value, self._backward_by_jacobians(cache, GeneralJacobian(g[:, None, :]), dense)
@@ -278,9 +284,9 @@ class Sequential(Layer):
         for index in range(len(self._layers) - 1, -1, -1):
             layer, layer_cache = self._layers[index], cache.caches[index]
             grads = per_layer[index] = {}
-            for name, op in layer._param_jacobians(layer_cache).items():
+            for name, op in layer._call_param_jacobians(layer_cache).items():
                 summed = _compose(covector, materialize(op)).batch_sum()
                 grads[name] = summed.reshape(layer.params[name].shape)
             if index > 0:
-                covector = _compose(covector, materialize(layer._jacobian(layer_cache)))
+                covector = _compose(covector, materialize(layer._call_jacobian(layer_cache)))
         return self._collect(enumerate(per_layer))

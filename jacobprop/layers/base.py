@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..dispatch import resolve_dispatch, standard
 from ..errors import check_batch_matrix
 from ..jacobian import Jacobian
 
@@ -53,6 +54,22 @@ class Layer:
     saturation: ClassVar[float | None] = None
     elementwise: ClassVar[bool] = False
 
+    #: Internal code (Sequential, gradcheck, the testing kit, the derivative
+    #: operators) calls a layer only through these `_call_*` names, resolved
+    #: once per class: the private method, or the public one when a subclass
+    #: overrides it (so an override is never bypassed). See `dispatch.py`.
+    _DISPATCH: ClassVar[dict[str, str]] = {
+        "forward": "_forward",
+        "vjp": "_vjp",
+        "jvp": "_jvp",
+        "jacobian": "_jacobian",
+        "param_jacobians": "_param_jacobians",
+    }
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        resolve_dispatch(cls)
+
     def __init__(self) -> None:
         self.params: dict[str, np.ndarray] = {}
 
@@ -85,15 +102,18 @@ class Layer:
     def __call__(self, x) -> np.ndarray:
         return self.forward(x)[0]
 
+    @standard
     def forward(self, x) -> tuple[np.ndarray, Any]:
         """`(y, cache)`: the output `(B, m)` and what the backward pass needs."""
         return self._forward(self._check_input(x))
 
+    @standard
     def vjp(self, cache, g) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """`(g @ dy/dx, {name: sum_i g_i @ dy_i/dvec(p) reshaped like p})` for `g` `(B, m)`."""
         g = self._check_cotangent(cache, g)
         return self._vjp(cache, g, True)
 
+    @standard
     def jvp(self, cache, v) -> np.ndarray:
         """`dy/dx @ v` per sample, `v` `(B, n)` -> `(B, m)`."""
         x = cache.x
@@ -102,26 +122,44 @@ class Layer:
         )
         return self._jvp(cache, v)
 
+    @standard
     def jacobian(self, cache) -> Jacobian:
         """dy/dx as a batched structured operator `(B, m, n)`."""
         return self._jacobian(cache)
 
+    @standard
     def param_jacobians(self, cache) -> dict[str, Jacobian]:
         """dy/dvec(p) for every parameter p, each `(B, m, p.size)`."""
         return self._param_jacobians(cache)
 
+    # ---- adapters: how internal paths call a user's public override --------
+    def _public_forward(self, x):
+        return self.forward(x)
+
+    def _public_vjp(self, cache, g, need_input):
+        return self.vjp(cache, g)
+
+    def _public_jvp(self, cache, v):
+        return self.jvp(cache, v)
+
+    def _public_jacobian(self, cache):
+        return self.jacobian(cache)
+
+    def _public_param_jacobians(self, cache):
+        return self.param_jacobians(cache)
+
     # ---- defaults derived from the Jacobian ---------------------------------
     def _vjp(self, cache, g, need_input: bool):
         """Private vjp; `need_input=False` lets the first layer skip dL/dx."""
-        gx = self._jacobian(cache)._vjp(g) if need_input else None
+        gx = self._call_jacobian(cache)._call_vjp(g) if need_input else None
         grads = {
             name: jac._sum_vjp(g).reshape(self.params[name].shape)
-            for name, jac in self._param_jacobians(cache).items()
+            for name, jac in self._call_param_jacobians(cache).items()
         }
         return gx, grads
 
     def _jvp(self, cache, v):
-        return self._jacobian(cache)._jvp(v)
+        return self._call_jacobian(cache)._call_jvp(v)
 
     def _param_jacobians(self, cache) -> dict[str, Jacobian]:
         return {}
@@ -149,3 +187,6 @@ class Layer:
         return check_batch_matrix(
             g, where=self._where, name="g", features=expected[1], batch=expected[0]
         )
+
+
+resolve_dispatch(Layer)
