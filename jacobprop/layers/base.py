@@ -53,6 +53,9 @@ class Layer:
     kinks: ClassVar[tuple[float, ...]] = ()
     saturation: ClassVar[float | None] = None
     elementwise: ClassVar[bool] = False
+    #: Train or eval mode (`Sequential.train()` / `.eval()` set it on every
+    #: layer). Only layers whose maths changes with the mode read it.
+    training: bool = True
 
     #: Internal code (Sequential, gradcheck, the testing kit, the derivative
     #: operators) calls a layer only through these `_call_*` names, resolved
@@ -89,6 +92,40 @@ class Layer:
         for value in self.params.values():
             return value.dtype
         return None
+
+    @property
+    def couples_samples(self) -> bool:
+        """Whether output i depends on other samples than i (BatchNorm in train mode).
+
+        Such a layer's Jacobian is not block-diagonal; every path that assumes
+        independent samples (per-sample anything, finite-difference shortcuts
+        that perturb all samples at once) reads this and falls back or refuses.
+        """
+        return False
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether a forward pass draws random numbers (Dropout in train mode).
+
+        Finite-difference checks refuse such a layer with a clear error: a new
+        draw per evaluation would make any difference quotient meaningless.
+        """
+        return False
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments as JSON values: `type(self)(**config())` rebuilds
+        the layer (with fresh parameters, which `jp.load` then overwrites).
+
+        A value that is itself a Layer (Residual's block, Sequential's layers)
+        is serialized recursively by `jp.save`. `rng` is never part of it.
+        """
+        return {}
+
+    def update_state(self, cache) -> None:
+        """Write state that a train-mode forward computed into its cache (BatchNorm's
+        running statistics). The forward pass never mutates a layer; only the
+        training loop or an explicit call does. No-op for stateless layers.
+        """
 
     @classmethod
     def example(cls, input_dim: int, *, rng: np.random.Generator, dtype=np.float64) -> Layer:
