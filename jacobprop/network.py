@@ -109,6 +109,38 @@ class Sequential(Layer):
         inner = ",\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self._layers))
         return f"Sequential(\n{inner}\n)"
 
+    # ---- modes and state -----------------------------------------------------------
+    def train(self, mode: bool = True) -> Sequential:
+        """Set `training = mode` on this stack and every layer in it (nested too)."""
+        self.training = bool(mode)
+        for layer in self._layers:
+            if isinstance(layer, Sequential):
+                layer.train(mode)
+            else:
+                layer.training = bool(mode)
+        return self
+
+    def eval(self) -> Sequential:
+        """Eval mode everywhere: `train(False)`."""
+        return self.train(False)
+
+    @property
+    def couples_samples(self) -> bool:
+        return any(layer.couples_samples for layer in self._layers)
+
+    @property
+    def stochastic(self) -> bool:
+        return any(layer.stochastic for layer in self._layers)
+
+    def update_state(self, cache: SequentialCache) -> None:
+        """Write the state a train-mode forward computed (e.g. BatchNorm's running
+        statistics) from `cache` into the layers; the forward pass never does."""
+        for layer, layer_cache in zip(self._layers, cache.caches, strict=True):
+            layer.update_state(layer_cache)
+
+    def config(self) -> dict:
+        return {"layers": list(self._layers)}
+
     @property
     def params(self) -> dict[str, np.ndarray]:
         """The live parameter arrays (no copies), keyed `"<index>.<name>"`, in layer order."""
