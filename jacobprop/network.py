@@ -322,3 +322,21 @@ class Sequential(Layer):
             if index > 0:
                 covector = _compose(covector, materialize(layer._call_jacobian(layer_cache)))
         return self._collect(enumerate(per_layer))
+
+    # ---- seeing the chain rule ------------------------------------------------------
+    def explain(self, x, t=None, loss: Loss | None = None, *, values: bool = False):
+        """A trace of the backward pass of `loss` at `x` (or of `jacobian(x)` without one).
+
+        Every step in the order it runs: the operator multiplied (structure
+        and shape), its storage against dense blocks, the engine's flop
+        estimate, and the parameter gradient read off there. `values=True`
+        records sample 0's matrices. See `jacobprop.explain.explain`.
+
+        Returns
+        -------
+        jacobprop.explain.Trace
+            `str()` is a table; `.to_dict()` / `.to_json()` are plain data.
+        """
+        from .explain import explain  # explain builds on this module
+
+        return explain(self, x, t, loss, values=values)
