@@ -5,6 +5,9 @@ Parsing is kept apart from doing: `build_parser` describes the command line,
 `Output` (raising `UsageError` for anything the user got wrong), `run`
 executes a plan and writes its outputs, and `main(argv) -> int` wires them
 together and turns a `UsageError` into one line on stderr and exit code 2.
+`jacobprop explain` and `jacobprop check` follow the same pattern with their
+own plan (`plan_explain` / `plan_check`) and runner (`run_explain` /
+`run_check`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["main", "run", "build_parser", "plan_from_args", "Output", "UsageError"]
+__all__ = ["main", "run", "build_parser", "plan_from_args", "Output", "UsageError",
+           "ExplainPlan", "CheckPlan", "plan_explain", "plan_check", "run_explain",
+           "run_check", "network_from_spec"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float64", "float32")
@@ -197,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="jacobprop",
-        description="jacobprop: backpropagation made explicit. Commands: bench.",
+        description="jacobprop: backpropagation made explicit. Commands: bench, explain, "
+                    "check.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -242,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="input width (default: the hidden width)")
         grid.add_argument("--classes", type=_positive_int, default=10, metavar="N",
                           help="output width / softmax classes (default 10)")
+    _add_explain_and_check(commands)
     return parser
 
 
@@ -268,16 +275,16 @@ def _option(args, name, default=None):
     return default if value is None else value
 
 
-def _check_writable(path: str, option: str) -> None:
+def _check_writable(path: str, option: str, command: str = "jacobprop bench") -> None:
     target = Path(path)
     if target.is_dir():
-        raise UsageError(f"jacobprop bench: {option} {path!r} is a directory, not a file")
+        raise UsageError(f"{command}: {option} {path!r} is a directory, not a file")
     parent = target.parent
     if not parent.is_dir():
-        raise UsageError(f"jacobprop bench: {option} {path!r}: directory {str(parent)!r} "
+        raise UsageError(f"{command}: {option} {path!r}: directory {str(parent)!r} "
                          "does not exist")
     if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UsageError(f"jacobprop bench: {option} {path!r} is not writable")
+        raise UsageError(f"{command}: {option} {path!r} is not writable")
 
 
 def plan_from_args(args, argv) -> tuple:
@@ -367,6 +374,363 @@ def _print_suites(stdout) -> None:
             stdout.write(f"  {workload:9s} {spec.label()}{extra}\n")
 
 
+# ---- jacobprop explain and jacobprop check -------------------------------------------
+_EXPLAIN_EPILOG = """\
+SPEC is a stack in one word: integers are widths (a Dense layer between two
+consecutive ones), names are parameter-free layers from jacobprop.LAYERS.
+A saved model (.npz) works when this jacobprop has save/load (jacobprop.io).
+
+examples:
+  jacobprop explain 4-16-relu-3 --loss ce --batch 2     the backward pass of a loss
+  jacobprop explain 4-16-relu-3                         the full Jacobian dy/dx and its plan
+  jacobprop explain 3-4-tanh-2 --loss mse --batch 1 --values
+  jacobprop explain 4-16-relu-3 --plot jacobians.png --json trace.json
+
+exit codes: 0 done; 2 bad usage.
+"""
+
+_CHECK_EPILOG = """\
+MODULE is an importable module (the current directory is searched first) or
+a path to a .py file; CLASS a jacobprop.Layer subclass in it. The layer is
+built by CLASS.example(input_dim, rng=...), which is CLASS() unless the class
+overrides it, and checked by jacobprop.testing.assert_layer_correct on
+--examples drawn inputs of 3 samples each.
+
+examples:
+  jacobprop check mylayers:Sine
+  jacobprop check path/to/mylayers.py:Sine --input-dim 5 --examples 6 --seed 1
+  jacobprop check mylayers:Sine --no-float32     for a layer keeping arrays outside params
+
+exit codes: 0 every check passed; 1 a check failed; 2 bad usage.
+"""
+
+#: Conventional short loss names the registry's class names do not spell.
+#: Every registered loss is also found by its class name and its capitals
+#: (SoftmaxCrossEntropy: "sce"), so this holds only what those miss.
+_LOSS_ALIASES = {"ce": "SoftmaxCrossEntropy"}
+
+
+def _add_explain_and_check(commands) -> None:
+    explain = commands.add_parser(
+        "explain", help="print the chain rule of a small stack: every Jacobian of the "
+                        "backward pass, its structure, storage and flops",
+        description="Build a stack from SPEC (or load a saved one), run one batch and print "
+                    "the backward pass of --loss step by step (without --loss: the full "
+                    "Jacobian dy/dx and the order the engine multiplies it in).",
+        epilog=_EXPLAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    explain.add_argument("spec", metavar="SPEC", help="e.g. 4-16-relu-3, or a saved .npz")
+    explain.add_argument("--loss", default=None, metavar="NAME",
+                         help="trace the gradient of this loss: ce, mse, rmse, bce or a class "
+                              "name from jacobprop.LOSSES (default: trace dy/dx)")
+    explain.add_argument("--batch", type=_positive_int, default=2, metavar="N",
+                         help="samples in the batch (default 2)")
+    explain.add_argument("--seed", type=int, default=0,
+                         help="seed of weights, input and target (default 0)")
+    explain.add_argument("--values", action="store_true",
+                         help="also print the matrices of sample 0 (keep the stack tiny)")
+    explain.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+                         help="write the trace as JSON (jacobprop.explain.Trace.from_json "
+                              "reads it back)")
+    explain.add_argument("--plot", dest="plot_path", default=None, metavar="PATH",
+                         help="write heatmaps of every layer's Jacobian block for sample 0 "
+                              "and of their product (needs matplotlib: "
+                              "pip install 'jacobprop[plot]')")
+    check = commands.add_parser(
+        "check", help="check a layer class of your own against finite differences",
+        description="Run jacobprop.testing.assert_layer_correct on MODULE:CLASS and print "
+                    "every check with pass or fail.",
+        epilog=_CHECK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("target", metavar="MODULE:CLASS")
+    check.add_argument("--input-dim", type=_positive_int, default=None, metavar="N",
+                       help="input width of the drawn inputs (default: the layer's own, else "
+                            "2, 3 and 5 in turn); also passed to CLASS.example (default 3)")
+    check.add_argument("--examples", type=_positive_int, default=3, metavar="N",
+                       help="number of drawn inputs (default 3, at scales 0.5, 1 and 2)")
+    check.add_argument("--seed", type=int, default=0,
+                       help="seed of the layer, the inputs and the probe vectors (default 0)")
+    check.add_argument("--float32", action=argparse.BooleanOptionalAction, default=True,
+                       help="also check a float32 copy of the layer against float64 "
+                            "(default on)")
+
+
+@dataclass
+class ExplainPlan:
+    """What `jacobprop explain` runs: a network, one batch, and where the results go."""
+
+    net: object  # a jacobprop.Sequential
+    x: object  # (B, n) input
+    t: object = None  # target, with `loss`
+    loss: object = None  # a jacobprop.Loss, or None for the Jacobian trace
+    values: bool = False
+    json_path: str | None = None
+    plot_path: str | None = None
+
+
+@dataclass
+class CheckPlan:
+    """What `jacobprop check` runs: a layer class and how to draw its inputs."""
+
+    layer_class: type
+    target: str  # "MODULE:CLASS" as typed
+    input_dim: int | None = None
+    examples: int = 3
+    seed: int = 0
+    float32: bool = True
+
+
+def network_from_spec(spec: str, *, rng):
+    """A `Sequential` from a spec such as "4-16-relu-3"; raises `UsageError` if malformed.
+
+    Integers are widths, the first one the input's; a Dense layer joins two
+    consecutive widths; a name is a parameter-free layer of `jacobprop.LAYERS`
+    (case-insensitive) applied at the current width.
+    """
+    from . import LAYERS, Dense, Sequential
+    from .bench.models import activation_names
+
+    where = "jacobprop explain"
+    tokens = spec.split("-")
+    if not tokens[0].isdigit() or int(tokens[0]) < 1:
+        raise UsageError(f"{where}: SPEC must start with the input width, e.g. 4-16-relu-3; "
+                         f"got {spec!r}")
+    names = {name.lower(): name for name in activation_names()}
+    width, layers = int(tokens[0]), []
+    for token in tokens[1:]:
+        if token.isdigit() and int(token) >= 1:
+            layers.append(Dense(width, int(token), rng=rng))
+            width = int(token)
+        elif token.lower() in names:
+            layers.append(LAYERS[names[token.lower()]]())
+        else:
+            raise UsageError(f"{where}: {token!r} in SPEC {spec!r} is neither a positive "
+                             f"width nor a layer name ({', '.join(names.values())})")
+    if not layers:
+        raise UsageError(f"{where}: SPEC {spec!r} has no layer; give at least two widths, "
+                         "e.g. 4-3")
+    return Sequential(*layers)
+
+
+def _load_network(path: str):
+    """A saved model, through `jacobprop.io` when this installation has it."""
+    from importlib.util import find_spec
+
+    where = "jacobprop explain"
+    if find_spec("jacobprop.io") is None:
+        raise UsageError(f"{where}: {path!r} is a saved model, but this jacobprop has no "
+                         "save/load (jacobprop.io); give a SPEC such as 4-16-relu-3")
+    if not Path(path).is_file():
+        raise UsageError(f"{where}: no such file {path!r}")
+    from . import io
+
+    try:
+        return io.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{where}: cannot load {path!r}: {error}") from None
+
+
+def _loss_from_name(name: str):
+    from . import LOSSES
+
+    known = {}
+    for class_name in LOSSES:
+        known[class_name.lower()] = class_name
+        known["".join(c for c in class_name if c.isupper()).lower()] = class_name
+    known.update({alias: target for alias, target in _LOSS_ALIASES.items() if target in LOSSES})
+    if name.lower() not in known:
+        raise UsageError(f"jacobprop explain: unknown loss {name!r} (choose from "
+                         f"{', '.join(sorted(known))})")
+    return LOSSES[known[name.lower()]]()
+
+
+def plan_explain(args) -> ExplainPlan:
+    """An `ExplainPlan` from parsed arguments; raises `UsageError` on bad values."""
+    import numpy as np
+
+    command = "jacobprop explain"
+    for path, option in ((args.json_path, "--json"), (args.plot_path, "--plot")):
+        if path is not None:
+            _check_writable(path, option, command)
+    if args.plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401 - only probing that the extra is installed
+        except ImportError:
+            raise UsageError(f"{command}: --plot needs matplotlib, which is not installed "
+                             "(pip install 'jacobprop[plot]')") from None
+    rng = np.random.default_rng(args.seed)
+    if args.spec.endswith(".npz"):
+        net = _load_network(args.spec)
+    else:
+        net = network_from_spec(args.spec, rng=rng)
+    width = net.input_dim
+    if width is None:
+        raise UsageError(f"{command}: the network {args.spec!r} does not fix its input width")
+    x = rng.standard_normal((args.batch, width))
+    loss = t = None
+    if args.loss is not None:
+        loss = _loss_from_name(args.loss)
+        t = loss.example_target((args.batch, net.output_dim(width)), rng=rng)
+    return ExplainPlan(net, x, t, loss, args.values, args.json_path, args.plot_path)
+
+
+def run_explain(plan: ExplainPlan, *, stdout=None) -> int:
+    """Print the trace, write JSON and the picture; return the exit code."""
+    from .explain import explain, plot_jacobians
+
+    stdout = sys.stdout if stdout is None else stdout
+    trace = explain(plan.net, plan.x, plan.t, plan.loss, values=plan.values)
+    stdout.write(str(trace))
+    if plan.json_path is not None:
+        with open(plan.json_path, "w", encoding="utf-8") as handle:
+            handle.write(trace.to_json(indent=1) + "\n")
+    if plan.plot_path is not None:
+        plot_jacobians(plan.net, plan.x, plan.plot_path)
+        stdout.write(f"wrote {plan.plot_path}\n")
+    return EXIT_OK
+
+
+def _import_module(name: str):
+    """The user's module by dotted name (the current directory first) or by .py path."""
+    import importlib
+    import importlib.util
+
+    where = "jacobprop check"
+    if name.endswith(".py") or os.sep in name or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"{where}: no such file {name!r}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        loader = spec.loader.exec_module
+    else:
+        module, loader = None, None
+    # The console script, unlike `python -m`, does not put the current
+    # directory on the path; a user's layer usually lives there.
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        if loader is not None:
+            loader(module)
+            return module
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and (name == error.name or name.startswith(error.name + ".")):
+            raise UsageError(f"{where}: no such module {name!r}") from None
+        raise UsageError(f"{where}: importing {name!r} failed: {error}") from None
+    except Exception as error:  # the user's module raised while importing
+        raise UsageError(f"{where}: importing {name!r} failed: {type(error).__name__}: "
+                         f"{error}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def plan_check(args) -> CheckPlan:
+    """A `CheckPlan` from parsed arguments; raises `UsageError` for a bad MODULE:CLASS."""
+    from .layers.base import Layer
+
+    where = "jacobprop check"
+    module_name, _, class_name = args.target.rpartition(":")
+    if not module_name or not class_name:
+        raise UsageError(f"{where}: expected MODULE:CLASS, e.g. mylayers:Sine; got "
+                         f"{args.target!r}")
+    module = _import_module(module_name)
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise UsageError(f"{where}: module {module_name!r} has no class {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        what = cls.__name__ if isinstance(cls, type) else type(cls).__name__
+        raise UsageError(f"{where}: {args.target!r} is not a jacobprop Layer subclass (it is "
+                         f"{'the class' if isinstance(cls, type) else 'a'} {what})")
+    return CheckPlan(cls, args.target, args.input_dim, args.examples, args.seed, args.float32)
+
+
+#: The checks as reported: the contract's own names (`jacobprop.testing.CHECKS`).
+_CHECK_FAILED = "check '{}' failed"
+
+
+def run_check(plan: CheckPlan, *, stdout=None) -> int:
+    """Check the layer on each drawn input; print every check; 0 if all pass, else 1."""
+    import re
+
+    import numpy as np
+
+    from .errors import GradcheckError
+    from .testing import CHECKS, NoValidInput, assert_layer_correct, cast_layer, draw_input
+
+    stdout = sys.stdout if stdout is None else stdout
+    rng = np.random.default_rng(plan.seed)
+    try:
+        layer = plan.layer_class.example(plan.input_dim or 3, rng=rng)
+    except Exception as error:  # a class that cannot build an example is the user's to fix
+        stdout.write(f"jacobprop check {plan.target}: cannot build the layer: "
+                     f"{plan.layer_class.__name__}.example({plan.input_dim or 3}, rng=...) "
+                     f"raised {type(error).__name__}: {error}\n")
+        return EXIT_FAILED
+    passed = dict.fromkeys(CHECKS, 0)
+    failure = failed_check = None
+    widths, scales = (2, 3, 5), (0.5, 1.0, 2.0)
+    for example in range(plan.examples):
+        width = plan.input_dim if plan.input_dim is not None else widths[example % 3]
+        try:
+            # Inputs are drawn by the float64 copy the contract itself checks.
+            x = draw_input(cast_layer(layer, np.float64), 3, rng=rng, input_dim=width,
+                           scale=scales[example % 3])
+            assert_layer_correct(layer, x, rng=rng, float32=plan.float32)
+        except GradcheckError as error:
+            failure = str(error)
+            found = re.search(_CHECK_FAILED.format("(.+?)"), failure)
+            failed_check = found.group(1) if found and found.group(1) in CHECKS else None
+        except NoValidInput as error:
+            failure = f"no input clear of the layer's kinks was found: {error}"
+        except Exception as error:  # the user's layer crashed: a failure, not a traceback
+            failure = f"{type(error).__name__}: {error}"
+        if failure is not None:
+            # The contract runs its checks in CHECKS order and stops at the first
+            # failure, so the ones before it passed on this input.
+            if failed_check is not None:
+                for check in CHECKS[:CHECKS.index(failed_check)]:
+                    passed[check] += 1
+            break
+        for check in CHECKS:
+            passed[check] += 1
+    stdout.write(f"jacobprop check {plan.target}: {layer!r}, {plan.examples} drawn inputs of "
+                 f"3 samples, seed {plan.seed}\n")
+    for check in CHECKS:
+        word, detail = _check_status(check, passed[check], plan, failure, failed_check)
+        if word == "ok" and check == "parameter jacobians vs finite differences" \
+                and not layer.params:
+            detail = "(no parameters)"
+        stdout.write(f"  {word:8s} {check}" + (f"  {detail}" if detail else "") + "\n")
+    if failure is None:
+        stdout.write("all checks passed\n")
+        return EXIT_OK
+    stdout.write(f"failed: {failure}\n")
+    return EXIT_FAILED
+
+
+def _check_status(check, passed, plan, failure, failed_check) -> tuple[str, str]:
+    """(status word, detail) of one check after the run."""
+    if check == "float32 vs float64" and not plan.float32:
+        return "skipped", "(--no-float32)"
+    if passed == plan.examples:
+        return "ok", ""
+    if check == failed_check:
+        return "FAIL", f"on input {passed + 1} of {plan.examples}"
+    if failed_check is None:
+        # Something raised outside any named check: it was running, or next.
+        return "error", f"on input {passed + 1} of {plan.examples}"
+    if passed:
+        return "ok", f"on {passed} of {plan.examples} inputs (stopped at the failure)"
+    return "not run", ""
+
+
+_COMMANDS = {"explain": (plan_explain, run_explain), "check": (plan_check, run_check)}
+
+
 def main(argv=None) -> int:
     """Entry point of the `jacobprop` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -386,19 +750,26 @@ def main(argv=None) -> int:
                 f"'jacobprop bench grad {option} ...'"
             ) from None
         if args.command is None:
-            raise UsageError("jacobprop: choose a command (bench); see jacobprop --help")
-        if args.print_schema:
+            raise UsageError("jacobprop: choose a command (bench, explain, check); see "
+                             "jacobprop --help")
+        if args.command in _COMMANDS:
+            plan_command, run_command = _COMMANDS[args.command]
+            plan, output = plan_command(args), None
+        elif args.print_schema:
             from .bench.schema import SCHEMA
 
             sys.stdout.write(json.dumps(SCHEMA, indent=1) + "\n")
             return EXIT_OK
-        if args.list_suites:
+        elif args.list_suites:
             _print_suites(sys.stdout)
             return EXIT_OK
-        plan, output = plan_from_args(args, argv)
+        else:
+            plan, output = plan_from_args(args, argv)
     except UsageError as error:
         print(f"{error} (see --help)", file=sys.stderr)
         return EXIT_USAGE
+    if args.command in _COMMANDS:
+        return run_command(plan)
     return run(plan, output)
 
 

@@ -515,6 +515,7 @@ def plot_jacobians(net, x, path, *, sample: int = 0) -> None:
                           "(pip install 'jacobprop[plot]')") from None
     matplotlib.use("Agg")  # files only; never open a window
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     x = net._check_input(x, where="plot_jacobians")
     if not 0 <= sample < x.shape[0]:
@@ -537,8 +538,11 @@ def plot_jacobians(net, x, path, *, sample: int = 0) -> None:
         ax.set_visible(False)
     for ax, (title, block) in zip(axes.flat, panels, strict=False):
         bound = float(np.abs(block).max()) or 1.0
-        image = ax.imshow(block, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto",
+        # Square cells, so a block's shape reads as (outputs, inputs) at a glance.
+        image = ax.imshow(block, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="equal",
                           interpolation="nearest")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{title} {block.shape[0]}x{block.shape[1]}", fontsize=8)
         ax.set_xlabel("input", fontsize=8)
         ax.set_ylabel("output", fontsize=8)
