@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -470,9 +471,9 @@ class ExplainPlan:
 
 @dataclass
 class CheckPlan:
-    """What `jacobprop check` runs: a layer class and how to draw its inputs."""
+    """What `jacobprop check` runs: the user's layer and how to draw its inputs."""
 
-    layer_class: type
+    layer: object  # a jacobprop.Layer built by CLASS.example
     target: str  # "MODULE:CLASS" as typed
     input_dim: int | None = None
     examples: int = 3
@@ -630,6 +631,8 @@ def _import_module(name: str):
 
 def plan_check(args) -> CheckPlan:
     """A `CheckPlan` from parsed arguments; raises `UsageError` for a bad MODULE:CLASS."""
+    import numpy as np
+
     from .layers.base import Layer
 
     where = "jacobprop check"
@@ -645,87 +648,105 @@ def plan_check(args) -> CheckPlan:
         what = cls.__name__ if isinstance(cls, type) else type(cls).__name__
         raise UsageError(f"{where}: {args.target!r} is not a jacobprop Layer subclass (it is "
                          f"{'the class' if isinstance(cls, type) else 'a'} {what})")
-    return CheckPlan(cls, args.target, args.input_dim, args.examples, args.seed, args.float32)
+    # Separate streams: the layer's weights do not shift when --examples changes.
+    layer_seed, _ = np.random.SeedSequence(args.seed).spawn(2)
+    width = args.input_dim or 3
+    try:
+        layer = cls.example(width, rng=np.random.default_rng(layer_seed))
+    except Exception as error:  # the class cannot be built without the user's arguments
+        raise UsageError(f"{where}: cannot build the layer: {class_name}.example({width}, "
+                         f"rng=...) raised {type(error).__name__}: {error}; give the class an "
+                         "`example(input_dim, *, rng, dtype)` classmethod") from None
+    return CheckPlan(layer, args.target, args.input_dim, args.examples, args.seed, args.float32)
 
 
-#: The checks as reported: the contract's own names (`jacobprop.testing.CHECKS`).
-_CHECK_FAILED = "check '{}' failed"
+#: How the contract words a failure (`jacobprop.testing.contract`); the name of
+#: the failed check, one of `jacobprop.testing.CHECKS`, is read back from it.
+_CHECK_FAILED = re.compile(r"check '(.+?)' failed")
 
 
-def run_check(plan: CheckPlan, *, stdout=None) -> int:
-    """Check the layer on each drawn input; print every check; 0 if all pass, else 1."""
-    import re
+@dataclass
+class _CheckRun:
+    """What happened: per check, on how many inputs it passed; the failure, if any."""
 
+    passed: dict
+    failure: str | None = None
+    failed_check: str | None = None  # None with a failure: the layer raised
+    failed_input: int = 0  # 1-based
+
+
+def _run_contract(plan: CheckPlan) -> _CheckRun:
+    """`assert_layer_correct` on each drawn input, stopping at the first failure."""
     import numpy as np
 
     from .errors import GradcheckError
     from .testing import CHECKS, NoValidInput, assert_layer_correct, cast_layer, draw_input
 
-    stdout = sys.stdout if stdout is None else stdout
-    rng = np.random.default_rng(plan.seed)
-    try:
-        layer = plan.layer_class.example(plan.input_dim or 3, rng=rng)
-    except Exception as error:  # a class that cannot build an example is the user's to fix
-        stdout.write(f"jacobprop check {plan.target}: cannot build the layer: "
-                     f"{plan.layer_class.__name__}.example({plan.input_dim or 3}, rng=...) "
-                     f"raised {type(error).__name__}: {error}\n")
-        return EXIT_FAILED
-    passed = dict.fromkeys(CHECKS, 0)
-    failure = failed_check = None
+    _, input_seed = np.random.SeedSequence(plan.seed).spawn(2)
+    rng = np.random.default_rng(input_seed)
+    run = _CheckRun(dict.fromkeys(CHECKS, 0))
+    # The widths and scales assert_layer_correct draws on its own, in turn.
     widths, scales = (2, 3, 5), (0.5, 1.0, 2.0)
     for example in range(plan.examples):
         width = plan.input_dim if plan.input_dim is not None else widths[example % 3]
         try:
-            # Inputs are drawn by the float64 copy the contract itself checks.
-            x = draw_input(cast_layer(layer, np.float64), 3, rng=rng, input_dim=width,
+            # Drawn by the float64 copy the contract checks, clear of its kinks.
+            x = draw_input(cast_layer(plan.layer, np.float64), 3, rng=rng, input_dim=width,
                            scale=scales[example % 3])
-            assert_layer_correct(layer, x, rng=rng, float32=plan.float32)
+            assert_layer_correct(plan.layer, x, rng=rng, float32=plan.float32)
         except GradcheckError as error:
-            failure = str(error)
-            found = re.search(_CHECK_FAILED.format("(.+?)"), failure)
-            failed_check = found.group(1) if found and found.group(1) in CHECKS else None
+            run.failure = str(error)
+            found = _CHECK_FAILED.search(run.failure)
+            if found and found.group(1) in CHECKS:
+                run.failed_check = found.group(1)
+                # The contract runs its checks in CHECKS order and stops at the
+                # first failure, so the ones before it passed on this input.
+                for check in CHECKS[:CHECKS.index(run.failed_check)]:
+                    run.passed[check] += 1
         except NoValidInput as error:
-            failure = f"no input clear of the layer's kinks was found: {error}"
+            run.failure = f"no input clear of the layer's kinks was found: {error}"
         except Exception as error:  # the user's layer crashed: a failure, not a traceback
-            failure = f"{type(error).__name__}: {error}"
-        if failure is not None:
-            # The contract runs its checks in CHECKS order and stops at the first
-            # failure, so the ones before it passed on this input.
-            if failed_check is not None:
-                for check in CHECKS[:CHECKS.index(failed_check)]:
-                    passed[check] += 1
-            break
+            run.failure = f"{type(error).__name__}: {error}"
+        if run.failure is not None:
+            run.failed_input = example + 1
+            return run
         for check in CHECKS:
-            passed[check] += 1
-    stdout.write(f"jacobprop check {plan.target}: {layer!r}, {plan.examples} drawn inputs of "
+            run.passed[check] += 1
+    return run
+
+
+def run_check(plan: CheckPlan, *, stdout=None) -> int:
+    """Check the layer on each drawn input; print every check; 0 if all pass, else 1."""
+    from .testing import CHECKS
+
+    stdout = sys.stdout if stdout is None else stdout
+    run = _run_contract(plan)
+    total = plan.examples
+    stdout.write(f"jacobprop check {plan.target}: {plan.layer!r}, {total} drawn inputs of "
                  f"3 samples, seed {plan.seed}\n")
     for check in CHECKS:
-        word, detail = _check_status(check, passed[check], plan, failure, failed_check)
-        if word == "ok" and check == "parameter jacobians vs finite differences" \
-                and not layer.params:
-            detail = "(no parameters)"
+        passed = run.passed[check]
+        if check == "float32 vs float64" and not plan.float32:
+            word, detail = "skipped", "(--no-float32)"
+        elif passed == total:
+            word, detail = "ok", ""
+            if check == "parameter jacobians vs finite differences" and not plan.layer.params:
+                detail = "(no parameters)"
+        elif check == run.failed_check:
+            word, detail = "FAIL", f"on input {run.failed_input} of {total}"
+        elif passed:
+            word, detail = "ok", f"on {passed} of {total} inputs, then stopped at the failure"
+        else:
+            word, detail = "not run", ""
         stdout.write(f"  {word:8s} {check}" + (f"  {detail}" if detail else "") + "\n")
-    if failure is None:
+    if run.failure is None:
         stdout.write("all checks passed\n")
         return EXIT_OK
-    stdout.write(f"failed: {failure}\n")
+    if run.failed_check is None:
+        stdout.write(f"  {'ERROR':8s} the layer raised while being checked on input "
+                     f"{run.failed_input} of {total}\n")
+    stdout.write(f"failed: {run.failure}\n")
     return EXIT_FAILED
-
-
-def _check_status(check, passed, plan, failure, failed_check) -> tuple[str, str]:
-    """(status word, detail) of one check after the run."""
-    if check == "float32 vs float64" and not plan.float32:
-        return "skipped", "(--no-float32)"
-    if passed == plan.examples:
-        return "ok", ""
-    if check == failed_check:
-        return "FAIL", f"on input {passed + 1} of {plan.examples}"
-    if failed_check is None:
-        # Something raised outside any named check: it was running, or next.
-        return "error", f"on input {passed + 1} of {plan.examples}"
-    if passed:
-        return "ok", f"on {passed} of {plan.examples} inputs (stopped at the failure)"
-    return "not run", ""
 
 
 _COMMANDS = {"explain": (plan_explain, run_explain), "check": (plan_check, run_check)}

@@ -21,7 +21,7 @@ The trace is plain data: `str(trace)` is a table, `trace.to_dict()` /
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -172,7 +172,6 @@ class Trace:
     order: str
     plan: int | list
     sample: int | None = None
-    notes: list[str] = field(default_factory=list)
 
     # ---- totals ------------------------------------------------------------
     @property
@@ -466,7 +465,6 @@ def _format(trace: Trace) -> str:
     else:
         lines.append(f"order: {costs} flops; the engine takes the cheapest, plan "
                      f"{_plan(trace.plan, trace.chain.split(' @ '))}.")
-    lines.extend(trace.notes)
     if trace.sample is not None:
         lines.append("")
         lines.append(f"values of sample {trace.sample}:")

@@ -170,6 +170,12 @@ class WrongSine(Sine):
 class Crashing(Sine):
     def _jacobian(self, cache):
         raise RuntimeError("no jacobian today")
+
+
+class NeedsArguments(Sine):
+    def __init__(self, frequency):
+        super().__init__()
+        self.frequency = frequency
 """
 
 
@@ -189,7 +195,9 @@ def test_check_crash_in_the_layer_is_a_failure_not_a_traceback(layer_module, cap
     name = layer_module(readme_sine_source() + WRONG)
     assert cli.main(["check", f"{name}:Crashing", "--examples", "1"]) == 1
     out = capsys.readouterr().out
-    assert "RuntimeError: no jacobian today" in out and "error" in out
+    assert "failed: RuntimeError: no jacobian today" in out
+    assert re.search(r"^  ERROR +the layer raised .* on input 1 of 1", out, re.M)
+    assert re.search(r"^  not run +jacobian vs finite differences", out, re.M)
 
 
 def test_check_of_a_registered_layer_with_parameters(capsys):
@@ -206,9 +214,11 @@ def test_check_of_a_registered_layer_with_parameters(capsys):
     ("{mod}", "expected MODULE:CLASS"),
     ("missing/file.py:Sine", "no such file"),
     ("{mod}_broken:Sine", "importing"),
+    ("{mod}:NeedsArguments", "cannot build the layer: NeedsArguments.example(3, rng=...) raised"
+                             " TypeError"),
 ])
 def test_check_bad_input_is_one_line_and_exit_2(target, says, layer_module, tmp_path, capsys):
-    name = layer_module(readme_sine_source())
+    name = layer_module(readme_sine_source() + WRONG)
     (tmp_path / f"{name}_broken.py").write_text("import no_such_dependency_xyz\n")
     err = one_line_error(capsys, ["check", target.format(mod=name)])
     assert says in err
