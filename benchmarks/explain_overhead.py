@@ -26,6 +26,18 @@ def median_seconds(functions: dict, rounds: int = 31, inner: int = 5) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def paths(net, x, t, loss) -> dict:
+    """The timed calls on one network, batch and target."""
+    return {
+        "value_and_grad vjp": lambda: net.value_and_grad(x, t, loss),
+        "value_and_grad jacobian": lambda: net.value_and_grad(x, t, loss, mode="jacobian"),
+        "explain(x, t, loss)": lambda: net.explain(x, t, loss),
+        "str(explain(x, t, loss))": lambda: str(net.explain(x, t, loss)),
+        "jacobian(x)": lambda: net.jacobian(x),
+        "explain(x)": lambda: net.explain(x),
+    }
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
     loss = jp.SoftmaxCrossEntropy()
@@ -36,14 +48,7 @@ def main() -> None:
         net = jp.Sequential(*layers[:-1])
         x = rng.standard_normal((batch, widths[0]))
         t = rng.integers(0, widths[-1], size=batch)
-        medians = median_seconds({
-            "value_and_grad vjp": lambda: net.value_and_grad(x, t, loss),
-            "value_and_grad jacobian": lambda: net.value_and_grad(x, t, loss, mode="jacobian"),
-            "explain(x, t, loss)": lambda: net.explain(x, t, loss),
-            "str(explain(x, t, loss))": lambda: str(net.explain(x, t, loss)),
-            "jacobian(x)": lambda: net.jacobian(x),
-            "explain(x)": lambda: net.explain(x),
-        })
+        medians = median_seconds(paths(net, x, t, loss))
         label = "-".join(map(str, widths))
         print(f"MLP {label} (ReLU), B = {batch}")
         for name, seconds in medians.items():

@@ -415,8 +415,8 @@ def _add_explain_and_check(commands) -> None:
     explain = commands.add_parser(
         "explain", help="print the chain rule of a small stack: every Jacobian of the "
                         "backward pass, its structure, storage and flops",
-        description="Build a stack from SPEC (or load a saved one), run one batch and print "
-                    "the backward pass of --loss step by step (without --loss: the full "
+        description="Build a stack from SPEC (or load a saved one), run one batch and print\n"
+                    "the backward pass of --loss step by step (without --loss: the full\n"
                     "Jacobian dy/dx and the order the engine multiplies it in).",
         epilog=_EXPLAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -439,7 +439,7 @@ def _add_explain_and_check(commands) -> None:
                               "pip install 'jacobprop[plot]')")
     check = commands.add_parser(
         "check", help="check a layer class of your own against finite differences",
-        description="Run jacobprop.testing.assert_layer_correct on MODULE:CLASS and print "
+        description="Run jacobprop.testing.assert_layer_correct on MODULE:CLASS and print\n"
                     "every check with pass or fail.",
         epilog=_CHECK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )

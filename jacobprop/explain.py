@@ -75,6 +75,16 @@ def _block(op: Jacobian, sample: int) -> list:
     return op[sample].to_dense()[0].tolist()
 
 
+def _record(action: str, op: Jacobian, result: Jacobian, *, flops: int, where: str,
+            operator: str, layer: int | None = None, **extra) -> TraceStep:
+    """A step multiplying by `op` and producing `result`; sizes are read off the operators."""
+    return TraceStep(
+        action=action, layer=layer, where=where, operator=operator, kind=op.kind,
+        shape=list(op.shape), stored_bytes=operator_nbytes(op), dense_bytes=_dense_nbytes(op),
+        flops=flops, result_kind=result.kind, result_shape=list(result.shape), **extra,
+    )
+
+
 @dataclass
 class TraceStep:
     """One step of a trace.
@@ -263,13 +273,9 @@ def explain(net, x, t=None, loss: Loss | None = None, *, values: bool = False) -
 def _gradient_trace(net, cache, y, t, loss, sample) -> Trace:
     value, g = loss._call_value_and_grad(y, loss._validated_target(y, t))
     covector = GeneralJacobian(g[:, None, :])
-    steps = [TraceStep(
-        action=LOSS_GRADIENT, layer=None, where=repr(loss), operator="G = dL/dy",
-        kind=covector.kind, shape=list(covector.shape),
-        stored_bytes=operator_nbytes(covector), dense_bytes=_dense_nbytes(covector), flops=0,
-        result_kind=covector.kind, result_shape=list(covector.shape),
-        values=None if sample is None else {"G": _block(covector, sample)},
-    )]
+    steps = [_record(LOSS_GRADIENT, covector, covector, flops=0, where=repr(loss),
+                     operator="G = dL/dy",
+                     values=None if sample is None else {"G": _block(covector, sample)})]
     layers = net.layers
     start, jacobians, deepest = covector, {}, None
     for index in range(len(layers) - 1, -1, -1):
@@ -277,28 +283,23 @@ def _gradient_trace(net, cache, y, t, loss, sample) -> Trace:
         for name, op in layer._call_param_jacobians(layer_cache).items():
             product = covector @ op
             gradient = product.batch_sum().reshape(layer.params[name].shape)
-            steps.append(TraceStep(
-                action=PARAMETER_GRADIENT, layer=index, where=repr(layer),
-                operator=f"dy_{index}/dvec({name})", kind=op.kind, shape=list(op.shape),
-                stored_bytes=operator_nbytes(op), dense_bytes=_dense_nbytes(op),
-                flops=_product_flops(covector, op), result_kind=product.kind,
-                result_shape=list(product.shape), gradient=f"{index}.{name}",
-                formula=_formula(name, op),
+            steps.append(_record(
+                PARAMETER_GRADIENT, op, product, flops=_product_flops(covector, op),
+                where=repr(layer), operator=f"dy_{index}/dvec({name})", layer=index,
+                gradient=f"{index}.{name}", formula=_formula(name, op),
                 values=None if sample is None else {
                     "block": _block(op, sample), "gradient": np.atleast_2d(gradient).tolist()
                 },
             ))
             if deepest is None or index < deepest[0]:
                 deepest = (index, name, op)
-        if index > 0:
+        if index > 0:  # as in the backward pass: dL/dx of the first layer is never needed
             op = jacobians[index] = layer._call_jacobian(layer_cache)
             flops = _product_flops(covector, op)
             covector = covector @ op
-            steps.append(TraceStep(
-                action=BACKPROPAGATE, layer=index, where=repr(layer),
-                operator=f"dy_{index}/dx_{index}", kind=op.kind, shape=list(op.shape),
-                stored_bytes=operator_nbytes(op), dense_bytes=_dense_nbytes(op), flops=flops,
-                result_kind=covector.kind, result_shape=list(covector.shape),
+            steps.append(_record(
+                BACKPROPAGATE, op, covector, flops=flops, where=repr(layer),
+                operator=f"dy_{index}/dx_{index}", layer=index,
                 values=None if sample is None else {
                     "block": _block(op, sample), "G": _block(covector, sample)
                 },
@@ -347,12 +348,9 @@ def _jacobian_trace(net, cache, y, sample) -> Trace:
     steps = []
     for position, op in enumerate(ops):
         index = count - 1 - position
-        steps.append(TraceStep(
-            action=FACTOR, layer=index, where=repr(layers[index]),
-            operator=f"{names[position]} = dy_{index}/dx_{index}", kind=op.kind,
-            shape=list(op.shape), stored_bytes=operator_nbytes(op),
-            dense_bytes=_dense_nbytes(op), flops=0, result_kind=op.kind,
-            result_shape=list(op.shape),
+        steps.append(_record(
+            FACTOR, op, op, flops=0, where=repr(layers[index]),
+            operator=f"{names[position]} = dy_{index}/dx_{index}", layer=index,
             values=None if sample is None else {"block": _block(op, sample)},
         ))
     order_flops = {order: int(chain_cost(ops, order)[0])
@@ -365,14 +363,10 @@ def _jacobian_trace(net, cache, y, sample) -> Trace:
             return ops[node], names[node]
         (left, left_name), (right, right_name) = evaluate(node[0]), evaluate(node[1])
         product = left @ right
-        label = f"{_span(left_name)[0]}..{_span(right_name)[1]}"
-        label = f"J_{label}"
-        steps.append(TraceStep(
-            action=PRODUCT, layer=None, where=label, operator=f"{left_name} @ {right_name}",
-            kind=product.kind, shape=list(product.shape),
-            stored_bytes=operator_nbytes(product), dense_bytes=_dense_nbytes(product),
-            flops=_product_flops(left, right), result_kind=product.kind,
-            result_shape=list(product.shape),
+        label = f"J_{_span(left_name)[0]}..{_span(right_name)[1]}"
+        steps.append(_record(
+            PRODUCT, product, product, flops=_product_flops(left, right), where=label,
+            operator=f"{left_name} @ {right_name}",
             values=None if sample is None else {"block": _block(product, sample)},
         ))
         return product, label
