@@ -4,9 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jacobprop as jp
 from jacobprop.explain import Trace, TraceStep, explain, operator_nbytes
+from jacobprop.jacobian import chain_cost
+from jacobprop.testing import inputs, losses, sequentials, targets
 
 
 def mlp(batch, *, seed, dtype=np.float64):
@@ -191,3 +195,40 @@ def test_bad_arguments_are_named():
         net.explain(x[:, :3])
     with pytest.raises(ValueError, match="at least one sample"):
         net.explain(x[:0], values=True)
+
+
+@st.composite
+def problems(draw):
+    """`(net, x, t, loss)`: a random registered stack (nested too), input and target."""
+    net = draw(sequentials(min_depth=1, max_depth=4), label="net")
+    x = draw(inputs(net), label="x")
+    loss = draw(losses(), label="loss")
+    t = draw(targets(loss, net(x).shape), label="t")
+    return net, x, t, loss
+
+
+@given(problem=problems())
+def test_any_stack_traces_the_backward_pass_it_explains(problem):
+    net, x, t, loss = problem
+    trace = net.explain(x, t, loss, values=True)
+    value, grads = net.value_and_grad(x, t, loss, mode="jacobian")
+    assert trace.value == pytest.approx(value, rel=1e-12, abs=1e-300)
+    read = {s.gradient: np.array(s.values["gradient"]) for s in trace.steps if s.gradient}
+    assert list(read) == [key for index in range(len(net) - 1, -1, -1)
+                          for key in grads if key.split(".")[0] == str(index)]
+    for key, grad in grads.items():
+        np.testing.assert_allclose(read[key].reshape(grad.shape), grad, rtol=1e-12,
+                                   atol=1e-12 * np.abs(grad).max(initial=1.0))
+    _, cache = net.forward(x)
+    for step in trace.steps:
+        if step.action == "backpropagate":
+            op = net[step.layer].jacobian(cache.caches[step.layer])
+            assert (step.kind, step.shape) == (op.kind, list(op.shape))
+            assert step.stored_bytes == operator_nbytes(op)
+            assert step.dense_bytes == int(np.prod(op.shape)) * op.dtype.itemsize
+    assert Trace.from_json(trace.to_json()) == trace
+    # The Jacobian trace's plan is the engine's: same total as jacobian_cost.
+    plan = net.explain(x)
+    assert plan.order_flops["auto"] == net.jacobian_cost(x)
+    assert plan.order_flops["auto"] == chain_cost(
+        [layer.jacobian(c) for layer, c in zip(net, cache.caches, strict=True)][::-1], "auto")[0]
