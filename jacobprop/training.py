@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ShapeError, as_float_array
+from .errors import ShapeError
 from .losses import BinaryCrossEntropy, Loss, SoftmaxCrossEntropy
 from .network import Sequential
 from .optim import Optimizer
@@ -350,12 +350,13 @@ def _plan(net, X, T, loss, optimizer, epochs, batch_size, rng, validation, clip_
 def _validated_data(net, loss, X, T, x_name, t_name):
     """X in the network's dtype `(N, n)` and T as the loss takes it, checked once."""
     dtype = net.dtype or np.float64
-    X = as_float_array(X, where="fit", name=x_name, dtype=dtype)
-    if X.ndim != 2:
-        raise ShapeError(f"fit: `{x_name}` must be 2-D (N, features), got shape {X.shape}")
+    X = net._check_input(X, where=f"fit: `{x_name}` for Sequential layer 0")
     if X.dtype != dtype:
         X = X.astype(dtype)
     X = np.ascontiguousarray(X)
+    if not np.isfinite(X).all():
+        row = int(np.argwhere(~np.isfinite(X))[0][0])
+        raise ValueError(f"fit: `{x_name}` has non-finite entries (first in sample {row})")
     # A probe forward of one sample in eval mode checks the width and gives m
     # without touching any state (forward passes never mutate a layer).
     mode = net.training
