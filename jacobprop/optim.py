@@ -74,12 +74,7 @@ class Optimizer:
         """
         lr = self.current_lr()
         self._check(params, grads)
-        if not self.state:
-            self.state = {key: self._init_state(value) for key, value in params.items()}
-        step = self.steps + 1
-        for key, param in params.items():
-            self._update(param, grads[key], self.state[key], lr, step)
-        self.steps = step
+        self._apply(params, grads, lr)
 
     def current_lr(self) -> float:
         """The learning rate of the next step (the schedule evaluated at `steps`)."""
@@ -127,6 +122,17 @@ class Optimizer:
     def config(self) -> dict:
         """Constructor arguments as JSON values (a schedule cannot be saved: None)."""
         return {"lr": None if callable(self.lr) else self.lr}
+
+    def _apply(self, params, grads, lr: float) -> None:
+        """The update without the checks, for callers whose grads match by construction
+        (`fit` checks the layout once per fit, then calls this on every step)."""
+        if not self.state:
+            self.state = {key: self._init_state(value) for key, value in params.items()}
+        step = self.steps + 1
+        state = self.state
+        for key, param in params.items():
+            self._update(param, grads[key], state[key], lr, step)
+        self.steps = step
 
     # ---- checks -------------------------------------------------------------------------
     def _check(self, params, grads) -> None:

@@ -331,6 +331,7 @@ def _plan(net, X, T, loss, optimizer, epochs, batch_size, rng, validation, clip_
         raise TypeError(f"fit: `rng` must be a numpy.random.Generator, got {type(rng).__name__}")
     if clip_norm is not None and not (np.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"fit: `clip_norm` must be a positive number, got {clip_norm!r}")
+    optimizer._check(net.params, net.params)  # the grads of every step share this layout
     X, T = _validated_data(net, loss, X, T, "X", "T")
     if X.shape[0] == 0:
         raise ValueError(f"fit: `X` holds no samples (shape {X.shape})")
@@ -398,7 +399,8 @@ def _run_epoch(plan, epoch, history, transaction, bar):
         if plan.clip_norm is not None:
             clip_by_global_norm(grads, plan.clip_norm)
         transaction.begin()
-        optimizer.step(params, grads)
+        # The layout was checked once in `_plan`; grads come from the net with the same keys.
+        optimizer._apply(params, grads, optimizer.current_lr())
         bad = transaction.first_non_finite()
         if bad is not None:
             transaction.rollback_if_open()
@@ -448,7 +450,9 @@ class _Transaction:
 
     def first_non_finite(self) -> str | None:
         for key, value in self._params.items():
-            if not np.isfinite(value).all():
+            # vdot propagates inf/nan in one BLAS call without a temporary; only when it
+            # overflows (or meets inf/nan) does the exact elementwise check run.
+            if not math.isfinite(np.vdot(value, value)) and not np.isfinite(value).all():
                 return key
         return None
 
