@@ -383,6 +383,7 @@ def _run_epoch(plan, epoch, history, transaction, bar):
     X, T, batch_size = plan.X, plan.T, plan.batch_size
     params = net.params
     order = plan.rng.permutation(X.shape[0])
+    mean = loss.reduction == "mean"
     total = 0.0
     start = time.perf_counter()
     for step, begin in enumerate(range(0, X.shape[0], batch_size), start=1):
@@ -412,44 +413,51 @@ def _run_epoch(plan, epoch, history, transaction, bar):
         transaction.commit()
         net.update_state(cache)
         history.steps += 1
-        total += value * (tb.shape[0] if loss.reduction == "mean" else 1.0)
+        total += value * tb.shape[0] if mean else value
         bar.update(value)
     history.seconds.append(time.perf_counter() - start)
-    history.loss.append(total / X.shape[0] if loss.reduction == "mean" else total)
+    history.loss.append(total / X.shape[0] if mean else total)
 
 
 class _Transaction:
     """Copies of the parameters and optimizer state taken before each update, so a bad
-    or interrupted update is undone exactly. The buffers are allocated once per fit."""
+    or interrupted update is undone exactly.
+
+    The buffers are allocated once per fit and kept as `(saved, live)` pairs, so a
+    step costs one `copyto` per array and no dict lookups. The optimizers update
+    their state arrays in place; a new state dict (the first step, a
+    `load_state_dict`) is noticed by identity and gets new buffers.
+    """
 
     def __init__(self, params: dict[str, np.ndarray], optimizer: Optimizer):
-        self._params = params
+        self._keys = list(params)
+        self._live = list(params.values())
+        self._pairs = [(np.empty_like(value), value) for value in self._live]
         self._optimizer = optimizer
-        self._saved_params = {key: np.empty_like(value) for key, value in params.items()}
-        self._saved_state: dict | None = None
+        self._state = None  # the optimizer's state dict the buffers below copy
+        self._state_pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self._saved_steps = 0
+        self._had_state = False
         self._open = False
 
     def begin(self) -> None:
-        for key, value in self._params.items():
-            np.copyto(self._saved_params[key], value)
-        state = self._optimizer.state
-        if state:
-            saved = self._saved_state
-            if saved is None or saved.keys() != state.keys():
-                saved = self._saved_state = {
-                    key: {name: np.empty_like(a) for name, a in arrays.items()}
-                    for key, arrays in state.items()
-                }
-            for key, arrays in state.items():
-                for name, array in arrays.items():
-                    np.copyto(saved[key][name], array)
+        for saved, live in self._pairs:
+            np.copyto(saved, live)
+        optimizer = self._optimizer
+        state = optimizer.state
         self._had_state = bool(state)
-        self._saved_steps = self._optimizer.steps
+        if state:
+            if state is not self._state:
+                self._state = state
+                self._state_pairs = [(np.empty_like(array), array)
+                                     for arrays in state.values() for array in arrays.values()]
+            for saved, live in self._state_pairs:
+                np.copyto(saved, live)
+        self._saved_steps = optimizer.steps
         self._open = True
 
     def first_non_finite(self) -> str | None:
-        for key, value in self._params.items():
+        for key, value in zip(self._keys, self._live, strict=True):
             # vdot propagates inf/nan in one BLAS call without a temporary; only when it
             # overflows (or meets inf/nan) does the exact elementwise check run.
             if not math.isfinite(np.vdot(value, value)) and not np.isfinite(value).all():
@@ -462,13 +470,12 @@ class _Transaction:
     def rollback_if_open(self) -> None:
         if not self._open:
             return
-        for key, value in self._params.items():
-            np.copyto(value, self._saved_params[key])
+        for saved, live in self._pairs:
+            np.copyto(live, saved)
         optimizer = self._optimizer
         if self._had_state:
-            for key, arrays in optimizer.state.items():
-                for name, array in arrays.items():
-                    np.copyto(array, self._saved_state[key][name])
+            for saved, live in self._state_pairs:
+                np.copyto(live, saved)
         else:  # the state was created by the update being undone
             optimizer.state = {}
         optimizer.steps = self._saved_steps

@@ -325,6 +325,7 @@ def test_progress_output(capsys, monkeypatch):
     (dict(T=np.zeros(59, dtype=int)), jp.ShapeError, "one target per sample"),
     (dict(T=np.full(60, 7)), ValueError, "out of range"),
     (dict(X=np.full((60, 2), np.nan)), ValueError, "non-finite"),
+    (dict(X=np.zeros((0, 2)), T=np.zeros(0, dtype=int)), ValueError, "no samples"),
     (dict(epochs=0), ValueError, "epochs"),
     (dict(batch_size=1.5), ValueError, "batch_size"),
     (dict(rng=3), TypeError, "rng"),
@@ -341,3 +342,15 @@ def test_bad_arguments_are_refused_before_training(change, error, match):
     with pytest.raises(error, match=match):
         jp.fit(net, kwargs.pop("X"), kwargs.pop("T"), jp.SoftmaxCrossEntropy(), **kwargs)
     assert same_arrays(net.params, before)
+
+
+def test_bench_train_command_runs_and_refuses_bad_options(capsys):
+    from jacobprop.cli import main
+
+    assert main(["bench", "train", "--parts", "sine,digits", "--seeds", "1", "--epochs", "2",
+                 "--adam-steps", "20", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "noisy sine" in out and "lm below Adam" in out and "digits (1348 train" in out
+    assert main(["bench", "train", "--parts", "nope"]) == 2
+    assert main(["bench", "train", "--seeds", "0"]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
