@@ -175,6 +175,7 @@ class EarlyStopping(Callback):
         self.restore_best = bool(restore_best)
         self.monitor = monitor
         self.min_delta = float(min_delta)
+        self.on_fit_begin(None)
 
     def on_fit_begin(self, context):
         self.best = None
@@ -341,6 +342,9 @@ def _plan(net, X, T, loss, optimizer, epochs, batch_size, rng, validation, clip_
         except (TypeError, ValueError):
             raise TypeError("fit: `validation` must be a pair (X_val, T_val)") from None
         validation = _validated_data(net, loss, X_val, T_val, "validation X", "validation T")
+        if validation[0].shape[0] == 0:
+            raise ValueError(f"fit: the validation set holds no samples "
+                             f"(shape {validation[0].shape})")
     return _Plan(
         net=net, loss=loss, optimizer=optimizer, X=X, T=T, batch_size=int(batch_size),
         rng=rng, validation=validation, clip_norm=clip_norm,
@@ -517,7 +521,8 @@ class _Progress:
     def create(progress, epochs, steps_per_epoch) -> _Progress:
         stream = sys.stderr
         if progress is None:
-            progress = stream.isatty() and not os.environ.get("CI")
+            progress = (hasattr(stream, "isatty") and stream.isatty()
+                        and not os.environ.get("CI"))
         if not progress:
             return _Progress()
         try:
