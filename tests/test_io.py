@@ -5,14 +5,19 @@ import io
 import json
 import os
 import pickle
+import tempfile
 import zipfile
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jacobprop as jp
-from jacobprop.io import HEADER
+from jacobprop.io import HEADER, _encode_layer
+from jacobprop.testing import dtypes, inputs, sequentials
 
 
 def network(seed, dtype=np.float64):
@@ -37,6 +42,19 @@ def test_round_trip_is_bit_exact_with_layer_options(tmp_path, dtype):
     assert same_params(net, loaded)
     assert loaded[1].alpha == 0.3 and loaded[2][0].bias is False
     x = np.random.default_rng(2).standard_normal((7, 3)).astype(dtype)
+    assert np.array_equal(net(x), loaded(x))
+
+
+@given(data=st.data())
+def test_every_registered_layer_round_trips(data):
+    """Drawn from jp.LAYERS, so a new layer's config() and state hooks are checked at once."""
+    dtype = data.draw(dtypes())
+    net = data.draw(sequentials(dtype=dtype)).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        loaded = jp.load(jp.save(net, Path(folder) / "m.npz")).eval()
+    assert _encode_layer(loaded, []) == _encode_layer(net, [])
+    assert same_params(net, loaded)
+    x = data.draw(inputs(net, dtype=dtype))
     assert np.array_equal(net(x), loaded(x))
 
 
