@@ -101,6 +101,11 @@ def least_squares(net: Sequential, X, T, method: str = "lm", **options):
     from scipy import optimize
 
     problem = _Problem(net, X, "least_squares")
+    if net.couples_samples:
+        # The assembly below reads one (B, m, p.size) block per key; a batch-coupled
+        # operator (BatchNorm in train mode) is not laid out that way.
+        raise ValueError("least_squares: the network couples samples in its current mode "
+                         "(BatchNorm in train mode); call net.eval() first")
     y = net._call_forward(problem.X)[0]
     T = as_float_array(T, where="least_squares", name="T", dtype=y.dtype)
     if T.ndim == 1 and y.shape[1] == 1:

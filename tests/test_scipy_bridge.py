@@ -116,6 +116,33 @@ def test_an_error_mid_solve_leaves_the_initial_parameters():
     assert all(np.array_equal(net.params[k], before[k]) for k in before)
 
 
+class Coupled(jp.Identity):
+    """Claims to couple samples (as BatchNorm in train mode) or to draw random numbers."""
+
+    def __init__(self, coupled=True, stochastic=False):
+        super().__init__()
+        self._coupled, self._stochastic = coupled, stochastic
+
+    @property
+    def couples_samples(self):
+        return self._coupled
+
+    @property
+    def stochastic(self):
+        return self._stochastic
+
+
+def test_coupled_or_random_networks_are_refused():
+    rng = np.random.default_rng(16)
+    x, t = rng.standard_normal((5, 2)), rng.standard_normal((5, 1))
+    coupled = jp.Sequential(jp.Dense(2, 1, rng=rng), Coupled())
+    with pytest.raises(ValueError, match="couples samples.*net.eval"):
+        jp.least_squares(coupled, x, t)
+    random = jp.Sequential(jp.Dense(2, 1, rng=rng), Coupled(False, True))
+    with pytest.raises(ValueError, match="random numbers.*net.eval"):
+        jp.minimize(random, x, t, jp.MSE())
+
+
 def test_bad_arguments():
     net, x, t, _, _ = linear_problem(14)
     with pytest.raises(jp.ShapeError, match="`T` must have the output's shape"):
