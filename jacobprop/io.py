@@ -212,7 +212,13 @@ def load(path, *, optimizer: Optimizer | None = None) -> Layer:
     with archive:
         arrays = _read_all(archive, where)
     header = _parse_header(arrays.pop(HEADER, None), where)
-    return _rebuild(header, arrays, optimizer, where)
+    try:
+        return _rebuild(header, arrays, optimizer, where)
+    except RecursionError:
+        raise ModelFileError(f"{where}: the architecture is nested too deeply") from None
+    except MemoryError:
+        raise ModelFileError(f"{where}: the architecture asks for more memory than there "
+                             "is (a layer config with absurd sizes?)") from None
 
 
 def _read_all(archive, where) -> dict[str, np.ndarray]:
@@ -241,16 +247,20 @@ def _parse_header(raw, where) -> dict:
                              f"dtype {raw.dtype} shape {raw.shape}")
     try:
         header = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ModelFileError(f"{where}: the header is not valid JSON ({error})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ModelFileError(f"{where}: the header does not declare format {FORMAT!r}")
     if header.get("version") != VERSION:
         raise ModelFileError(f"{where}: file format version {header.get('version')!r}; this "
                              f"jacobprop reads version {VERSION}")
-    for part, kind in (("architecture", dict), ("params", dict), ("state", dict)):
-        if not isinstance(header.get(part), kind):
+    for part in ("architecture", "params", "state"):
+        if not isinstance(header.get(part), dict):
             raise ModelFileError(f"{where}: the header's {part!r} is missing or malformed")
+    saved = header.get("optimizer")
+    if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+                                  and isinstance(saved.get("config"), dict)):
+        raise ModelFileError(f"{where}: the header's 'optimizer' entry is malformed")
     return header
 
 
@@ -260,7 +270,7 @@ def _rebuild(header, arrays, optimizer, where) -> Layer:
     expected = {f"param/{k}" for k in header["params"]} | {
         f"state/{k}" for k in header["state"]}
     if header.get("optimizer") is not None:
-        expected |= {f"optim/{k}" for k in header["optimizer"].get("state", {})}
+        expected |= {f"optim/{k}" for k in header["optimizer"]["state"]}
     missing, extra = sorted(expected - arrays.keys()), sorted(arrays.keys() - expected)
     if missing or extra:
         raise ModelFileError(f"{where}: the arrays do not match the header: missing {missing}, "
@@ -354,7 +364,7 @@ def _load_optimizer(optimizer, saved, arrays, params, where) -> None:
         raise ModelFileError(f"{where}: the saved optimizer settings {saved.get('config')!r} "
                              f"are invalid: {error}") from None
     state: dict[str, dict[str, np.ndarray]] = {}
-    for entry, declared in saved.get("state", {}).items():
+    for entry, declared in saved["state"].items():
         key, _, name = entry.rpartition("/")
         if key not in params:
             raise ModelFileError(f"{where}: optimizer state {entry!r} names no parameter")

@@ -188,6 +188,13 @@ def set_type(header, name):
     header["architecture"]["config"]["layers"][0]["__layer__"]["type"] = name
 
 
+def deep(levels=400):
+    node = {"type": "Identity", "config": {}}
+    for _ in range(levels):
+        node = {"type": "Sequential", "config": {"layers": [{"__layer__": node}]}}
+    return node
+
+
 EDITS = {
     "no header (a foreign npz)": (drop(HEADER), "without the '__jacobprop__' header"),
     "header not JSON": (replace(HEADER, np.frombuffer(b"{nope", np.uint8)), "not valid JSON"),
@@ -208,6 +215,10 @@ EDITS = {
                                 "Dense\\) cannot be rebuilt"),
     "an unexpected config key": (edit_header(lambda h: set_config(h, command="rm")),
                                  "cannot be rebuilt"),
+    "a malformed optimizer entry": (edit_header(lambda h: h.update(optimizer=[1])),
+                                    "'optimizer' entry is malformed"),
+    "a deeply nested architecture": (edit_header(lambda h: h.update(architecture=deep())),
+                                     "nested too deeply"),
 }
 
 
