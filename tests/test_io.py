@@ -188,11 +188,14 @@ def set_type(header, name):
     header["architecture"]["config"]["layers"][0]["__layer__"]["type"] = name
 
 
-def deep(levels=400):
-    node = {"type": "Identity", "config": {}}
-    for _ in range(levels):
-        node = {"type": "Sequential", "config": {"layers": [{"__layer__": node}]}}
-    return node
+def deeply_nested(arrays, levels=5000):
+    """A header whose architecture nests `levels` Sequentials (built as text: json.dumps
+    itself refuses such depth)."""
+    header = json.dumps({**header_of(arrays), "architecture": None})
+    node = '{"type": "Sequential", "config": {"layers": [{"__layer__": '
+    tree = node * levels + '{"type": "Identity", "config": {}}' + "}]}}" * levels
+    text = header.replace('"architecture": null', f'"architecture": {tree}')
+    return {**arrays, HEADER: np.frombuffer(text.encode(), np.uint8)}
 
 
 EDITS = {
@@ -217,8 +220,7 @@ EDITS = {
                                  "cannot be rebuilt"),
     "a malformed optimizer entry": (edit_header(lambda h: h.update(optimizer=[1])),
                                     "'optimizer' entry is malformed"),
-    "a deeply nested architecture": (edit_header(lambda h: h.update(architecture=deep())),
-                                     "nested too deeply"),
+    "a deeply nested architecture": (deeply_nested, "nested too deeply|not valid JSON"),
 }
 
 
