@@ -37,7 +37,7 @@ from ..training import fit
 from .timing import Case, machine_info, measure_group
 
 __all__ = ["TrainOptions", "run_train_bench", "format_train_report", "digits_comparison",
-           "sine_comparison", "step_timing"]
+           "sine_comparison", "step_timing", "optimizer_agreement"]
 
 STEP_BATCHES = 64  # steps per timed epoch in the loop paths
 
@@ -47,7 +47,7 @@ class TrainOptions:
 
     def __init__(self, *, seeds: int = 5, epochs: int = 200, batch_size: int = 200,
                  lr: float = 1e-3, adam_steps: int = 5000, adam_lr: float = 1e-2,
-                 repeats: int = 15, parts=("digits", "sine", "step")):
+                 repeats: int = 15, parts=("digits", "sine", "step", "optim")):
         self.seeds, self.epochs, self.batch_size, self.lr = seeds, epochs, batch_size, lr
         self.adam_steps, self.adam_lr, self.repeats = adam_steps, adam_lr, repeats
         self.parts = tuple(parts)
@@ -286,6 +286,52 @@ def _step_group(batch: int, width: int, repeats: int) -> dict:
     }
 
 
+# ---- 4. the optimizers against torch.optim ------------------------------------------------------
+def optimizer_agreement(options: TrainOptions, log=print) -> dict:
+    """Max abs difference of the parameters after 20 random steps, jacobprop vs torch.optim,
+    for every optimizer setting, float64 and float32 (needs torch: the peers' venv)."""
+    try:
+        import torch
+    except ImportError:
+        return {"skipped": "torch is not installed (it is an optional peer)"}
+    settings = [
+        ("SGD", {}, "SGD", {}),
+        ("SGD", {"momentum": 0.9, "weight_decay": 0.01}, "SGD",
+         {"momentum": 0.9, "weight_decay": 0.01}),
+        ("SGD", {"momentum": 0.9, "nesterov": True}, "SGD", {"momentum": 0.9, "nesterov": True}),
+        ("Adam", {}, "Adam", {}),
+        ("Adam", {"weight_decay": 0.1}, "Adam", {"weight_decay": 0.1}),
+        ("Adam", {"weight_decay": 0.1, "decoupled": True}, "AdamW", {"weight_decay": 0.1}),
+        ("Adam", {"betas": (0.3, 0.9)}, "Adam", {"betas": (0.3, 0.9)}),
+    ]
+    ours = {"SGD": SGD, "Adam": Adam}
+    rows = []
+    for dtype in (np.float64, np.float32):
+        for index, (name, kwargs, torch_name, torch_kwargs) in enumerate(settings):
+            rng = np.random.default_rng(index)
+            start = {"a": rng.standard_normal((5, 7)).astype(dtype),
+                     "b": rng.standard_normal(3).astype(dtype)}
+            params = {k: v.copy() for k, v in start.items()}
+            tensors = [torch.tensor(v.copy(), requires_grad=True) for v in start.values()]
+            optimizer = ours[name](0.01, **kwargs)
+            reference = getattr(torch.optim, torch_name)(tensors, lr=0.01, **torch_kwargs)
+            worst = 0.0
+            for _ in range(20):
+                grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in start.items()}
+                optimizer.step(params, grads)
+                for tensor, grad in zip(tensors, grads.values(), strict=True):
+                    tensor.grad = torch.tensor(grad)
+                reference.step()
+                for tensor, value in zip(tensors, params.values(), strict=True):
+                    worst = max(worst, float(np.max(np.abs(tensor.detach().numpy() - value))))
+            rows.append({"optimizer": repr(optimizer), "torch": torch_name,
+                         "dtype": np.dtype(dtype).name, "max_abs_difference": worst,
+                         "eps": float(np.finfo(dtype).eps)})
+    log(f"optimizers: worst difference to torch "
+        f"{max(r['max_abs_difference'] / r['eps'] for r in rows):.1f} eps")
+    return {"torch_version": torch.__version__, "steps": 20, "rows": rows}
+
+
 # ---- the run and its report ---------------------------------------------------------------------
 def run_train_bench(options: TrainOptions, *, command: str = "", log=print) -> dict:
     """Every requested part, with the machine facts; a JSON-ready dict."""
@@ -296,6 +342,8 @@ def run_train_bench(options: TrainOptions, *, command: str = "", log=print) -> d
         doc["sine"] = sine_comparison(options, log)
     if "step" in options.parts:
         doc["step"] = step_timing(options, log)
+    if "optim" in options.parts:
+        doc["optim"] = optimizer_agreement(options, log)
     return doc
 
 
@@ -375,6 +423,19 @@ def format_train_report(doc: dict) -> str:
             out.append(f"  engine step / numpy step {group['engine_over_numpy']:.2f}{verdict}; "
                        f"fit step / numpy loop step {group['fit_over_numpy_loop']:.2f}; "
                        f"fit step / numpy step {group['fit_over_numpy_step']:.2f}")
+    agreement = doc.get("optim")
+    if agreement is not None:
+        out.append("")
+        if "skipped" in agreement:
+            out.append(f"optimizers vs torch.optim: skipped: {agreement['skipped']}")
+        else:
+            out.append(f"optimizers vs torch.optim {agreement['torch_version']}: max abs "
+                       f"difference of the parameters over {agreement['steps']} random steps "
+                       "(lr 0.01, starting from N(0, 1))")
+            for row in agreement["rows"]:
+                out.append(f"  {row['dtype']:8s} {row['optimizer']:84s} vs {row['torch']:6s} "
+                           f"{row['max_abs_difference']:.2e} "
+                           f"({row['max_abs_difference'] / row['eps']:.1f} eps)")
     return "\n".join(out) + "\n"
 
 
@@ -392,8 +453,9 @@ def add_arguments(parser) -> None:
                         help="full-batch Adam steps on the noisy sine (default 5000)")
     parser.add_argument("--step-repeats", type=int, default=15, metavar="N",
                         help="interleaved rounds of the step timing (default 15)")
-    parser.add_argument("--parts", default="digits,sine,step", metavar="LIST",
-                        help="which parts to run: digits, sine, step (default all)")
+    parser.add_argument("--parts", default="digits,sine,step,optim", metavar="LIST",
+                        help="which parts to run: digits, sine, step, optim (the optimizers "
+                             "against torch.optim, when torch is installed; default: all)")
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
                         help="also write the results as JSON")
     parser.add_argument("--quiet", "-q", action="store_true",
@@ -405,7 +467,7 @@ def run_from_args(args, command: str, *, stdout, stderr) -> int:
     import json
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"digits", "sine", "step"})
+    unknown = sorted(set(parts) - {"digits", "sine", "step", "optim"})
     numbers = {"--seeds": args.seeds, "--epochs": args.epochs,
                "--adam-steps": args.adam_steps, "--step-repeats": args.step_repeats}
     bad = [name for name, value in numbers.items() if value < 1]
