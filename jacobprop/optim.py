@@ -160,7 +160,7 @@ class Optimizer:
         if self.state and self._layout is not None and layout != self._layout:
             raise ValueError(f"{where}: the state was built for parameters {self._layout}, "
                              f"got {layout}; use a new optimizer for a new network")
-        if self._layout is None:
+        if not self.state:  # no state yet: the layout of this call is the one it will hold
             self._layout = layout
 
     # ---- the update, per key --------------------------------------------------------

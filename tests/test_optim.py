@@ -177,6 +177,16 @@ def test_schedule_returning_garbage_is_an_error():
         run(jp.Adam(lambda step: float("nan")), 1.0, [1.0])
 
 
+def test_the_layout_is_fixed_by_the_first_step_not_by_a_check():
+    optimizer = jp.SGD(0.1, momentum=0.5)
+    params, grads = params_and_grads(41)
+    optimizer._check(params, grads)  # what fit does before its first step
+    other = {"w": np.zeros(2)}
+    optimizer.step(other, {"w": np.ones(2)})
+    optimizer.step(other, {"w": np.ones(2)})
+    assert other["w"] == pytest.approx([-0.25, -0.25])
+
+
 def test_a_different_layout_needs_a_new_optimizer():
     optimizer = jp.Adam()
     params, grads = params_and_grads(40)
