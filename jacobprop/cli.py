@@ -31,7 +31,7 @@ examples:
   jacobprop bench grad --activation Tanh --dtype float32 --against torch,jax
   jacobprop bench jacobian --batch 8 --width 64,256 --depth 3
   jacobprop bench gradcheck --batch 8 --width 64 --depth 3 --in-features 32 --against torch
-  jacobprop bench train --json benchmarks/train.json   training (needs scikit-learn for digits)
+  jacobprop bench train --parts digits,sine   training comparisons (digits needs scikit-learn)
   jacobprop bench --print-schema           the JSON schema of --json output
 
 exit codes: 0 done; 1 a benchmarked path raised an error; 2 bad usage.

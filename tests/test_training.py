@@ -354,3 +354,5 @@ def test_bench_train_command_runs_and_refuses_bad_options(capsys):
     assert main(["bench", "train", "--parts", "nope"]) == 2
     assert main(["bench", "train", "--seeds", "0"]) == 2
     assert "--seeds must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "train", "--json", "/no/such/folder/train.json"]) == 2
+    assert "does not exist" in capsys.readouterr().err

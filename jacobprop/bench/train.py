@@ -457,7 +457,8 @@ def add_arguments(parser) -> None:
                         help="which parts to run: digits, sine, step, optim (the optimizers "
                              "against torch.optim, when torch is installed; default: all)")
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
-                        help="also write the results as JSON")
+                        help="also write the results as JSON (a document of its own shape, "
+                             "not the --print-schema one)")
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="no per-seed progress lines on stderr")
 
@@ -475,6 +476,14 @@ def run_from_args(args, command: str, *, stdout, stderr) -> int:
         what = f"unknown parts {unknown}" if unknown or not parts else f"{bad[0]} must be >= 1"
         print(f"jacobprop bench train: {what} (see --help)", file=stderr)
         return 2
+    if args.json_path is not None:
+        from ..cli import UsageError, _check_writable
+
+        try:
+            _check_writable(args.json_path, "--json")
+        except UsageError as error:
+            print(f"{error} (see --help)", file=stderr)
+            return 2
     options = TrainOptions(seeds=args.seeds, epochs=args.epochs, adam_steps=args.adam_steps,
                            repeats=args.step_repeats, parts=parts)
 
