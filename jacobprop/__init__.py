@@ -20,6 +20,7 @@ from .gradcheck import (
     numerical_jacobian,
     taylor_test,
 )
+from .io import ModelFileError, load, save
 from .jacobian import (
     DiagonalJacobian,
     GeneralJacobian,
@@ -45,6 +46,9 @@ from .layers import (
 )
 from .losses import LOSSES, MSE, RMSE, BinaryCrossEntropy, Loss, SoftmaxCrossEntropy, register_loss
 from .network import Sequential
+from .optim import SGD, Adam, Optimizer
+from .scipy_bridge import least_squares, minimize
+from .training import Callback, EarlyStopping, FitContext, History, NonFiniteError, fit
 
 try:
     __version__ = version("jacobprop")
@@ -90,4 +94,18 @@ __all__ = [
     "GradcheckReport",
     "CheckEntry",
     "TaylorReport",
+    "Optimizer",
+    "SGD",
+    "Adam",
+    "fit",
+    "History",
+    "Callback",
+    "EarlyStopping",
+    "FitContext",
+    "NonFiniteError",
+    "minimize",
+    "least_squares",
+    "save",
+    "load",
+    "ModelFileError",
 ]

@@ -37,6 +37,7 @@ examples:
   jacobprop bench grad --activation Tanh --dtype float32 --against torch,jax
   jacobprop bench jacobian --batch 8 --width 64,256 --depth 3
   jacobprop bench gradcheck --batch 8 --width 64 --depth 3 --in-features 32 --against torch
+  jacobprop bench train --parts digits,sine   training comparisons (digits needs scikit-learn)
   jacobprop bench --print-schema           the JSON schema of --json output
 
 exit codes: 0 done; 1 a benchmarked path raised an error; 2 bad usage.
@@ -148,6 +149,8 @@ _WORKLOAD_DEFAULTS = {
 #: Options of a workload (its grid); valid only after the workload name.
 _GRID_OPTIONS = ("--batch", "--width", "--depth", "--activation", "--dtype", "--in-features",
                  "--classes")
+_TRAIN_HELP = ("training: digits against scikit-learn's MLPClassifier, least_squares(lm) "
+               "against Adam on a noisy sine, one SGD step against hand-written NumPy")
 _WORKLOAD_HELP = {
     "grad": "loss + gradients by every path: NumPy reference, vjp, jacobian, dense "
             "jacobian, finite differences, peers",
@@ -250,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
         grid.add_argument("--classes", type=_positive_int, default=10, metavar="N",
                           help="output width / softmax classes (default 10)")
     _add_explain_and_check(commands)
+    from .bench.train import add_arguments as add_train_arguments
+
+    add_train_arguments(workloads.add_parser(
+        "train", help=_TRAIN_HELP, description=_TRAIN_HELP, epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -784,6 +792,11 @@ def main(argv=None) -> int:
         elif args.list_suites:
             _print_suites(sys.stdout)
             return EXIT_OK
+        elif args.workload == "train":  # its own runner, not a grid
+            from .bench.train import run_from_args
+
+            return run_from_args(args, "jacobprop " + shlex.join(argv), stdout=sys.stdout,
+                                 stderr=sys.stderr)
         else:
             plan, output = plan_from_args(args, argv)
     except UsageError as error:

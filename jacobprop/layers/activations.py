@@ -146,6 +146,9 @@ class LeakyReLU(Elementwise):
     def example(cls, input_dim, *, rng, dtype=np.float64):
         return cls(alpha=float(rng.uniform(0.01, 0.5)))
 
+    def config(self):
+        return {"alpha": self.alpha}
+
     def __repr__(self):
         return f"LeakyReLU(alpha={self.alpha})"
 

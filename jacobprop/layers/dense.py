@@ -70,6 +70,10 @@ class Dense(Layer):
     def example(cls, input_dim, *, rng, dtype=np.float64):
         return cls(input_dim, int(rng.integers(1, 6)), rng=rng, dtype=dtype)
 
+    def config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias, "dtype": self.params["W"].dtype.name}
+
     def __repr__(self):
         return f"Dense({self.in_features}, {self.out_features}, bias={self.bias})"
 
