@@ -13,7 +13,7 @@ import pytest
 from mutants import registered_example
 
 import jacobprop as jp
-from jacobprop.gradcheck import CENTRAL_STEP, default_rtol
+from jacobprop.checks import CENTRAL_STEP, default_rtol
 
 LAYER_NAMES = sorted(jp.LAYERS)
 LOSS_NAMES = sorted(jp.LOSSES)

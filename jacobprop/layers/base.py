@@ -207,6 +207,44 @@ class Layer:
     def _jacobian(self, cache) -> Jacobian:
         raise NotImplementedError(f"{type(self).__name__} must implement _jacobian")
 
+    # ---- hooks for cheap finite differences -------------------------------------
+    def _affine_param_change(self, x: np.ndarray, name: str, coords: np.ndarray,
+                             steps: np.ndarray):
+        """How the output moves when single parameter entries move, if that is cheap to say.
+
+        Parameters
+        ----------
+        x : ndarray `(B, n)`
+            The (float64) input the layer is evaluated at.
+        name : str
+            A key of `params`.
+        coords, steps : ndarray `(G,)`
+            Perturbation g moves `params[name].flat[coords[g]]` by `steps[g]`.
+
+        Returns
+        -------
+        None or (rows, delta)
+            None (this default) means "no shortcut": the checkers evaluate the
+            layer once per perturbation. A layer whose output is affine in
+            every entry of `name`, and whose entry changes exactly one output
+            column, returns `rows` `(G,)` ints and `delta` broadcastable to
+            `(G, B)` such that perturbation g changes `y[:, rows[g]]` by
+            `delta[g]` and leaves every other output as it was (Dense:
+            `W[j, k] + h` moves column j by `h x[:, k]`). The finite-difference
+            checkers then never call the forward pass for these perturbations,
+            so the rule must hold exactly for the layer's own forward.
+        """
+        return None
+
+    def _affine_input_columns(self, cols: np.ndarray):
+        """`M[:, cols].T` `(G, m)` when `y = x @ M.T + c` with one `M` for every x; else None.
+
+        None (this default) means "no shortcut". With columns given, a checker
+        that moves input column `cols[g]` of every sample by `c` updates the
+        output by `c M[:, cols[g]]` instead of calling the forward pass.
+        """
+        return None
+
     # ---- validation ----------------------------------------------------------
     @property
     def _where(self) -> str:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import dottest, numerical_jacobian
 from ..errors import GradcheckError, check_batch_matrix
-from ..gradcheck import dottest, numerical_jacobian
 from ..layers.base import Layer
 from .strategies import DEFAULT_MARGIN, draw_input, flatten_layers, input_problems
 
@@ -187,9 +187,9 @@ def assert_layer_correct(layer: Layer, x=None, *, rtol: float | None = None,
     Shapes: `x` `(B, n)`, `y` `(B, m)`, `J = dy/dx` `(B, m, n)`, parameter
     Jacobians `(B, m, p.size)`. Finite differences are central,
     `(f(x + h e_k) - f(x - h e_k)) / 2h` with `h = eps^(1/3) max(1, |x_k|)`
-    (`jacobprop.gradcheck.numerical_jacobian`), perturbing feature k of every
+    (`jacobprop.checks.numerical_jacobian`), perturbing feature k of every
     sample at once (valid once batch independence has passed). The dot test
-    is `jacobprop.gradcheck.dottest` on the layer's `jvp` and `vjp` (relative
+    is `jacobprop.checks.dottest` on the layer's `jvp` and `vjp` (relative
     to the sums' terms, 1e3 eps). Other consistency checks between analytic
     results (vjp, jvp, batch independence) use a relative tolerance of 1e-10;
     the float32 check 1e-4, both relative to the array's scale (the float32
