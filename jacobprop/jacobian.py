@@ -48,10 +48,21 @@ __all__ = [
 class Jacobian:
     """B per-sample Jacobian blocks of shape `(m, n)`, kept in structured form.
 
-    Subclasses set `shape` and `dtype` and implement the private `_vjp`,
-    `_jvp`, `_to_dense`, `_transpose`, `_apply`, `_rapply` and `_take`; the
-    public methods here validate once and delegate (scipy's `matvec` ->
-    `_matvec` pattern).
+    Subclasses set `shape` and `dtype` and implement every private method in
+    `OWED` (checked when the class is defined: a missing one raises TypeError
+    naming it); `_apply`, `_rapply`, `_sum_vjp`, `_batch_sum` have dense
+    defaults to override when a structure makes them cheaper. The public
+    methods here validate once and delegate (scipy's `matvec` -> `_matvec`
+    pattern).
+
+    Attributes
+    ----------
+    couples_samples : bool
+        False (block-diagonal, the default): `shape` `(B, m, n)` stands for B
+        independent blocks. True for an operator of a layer whose samples
+        interact (BatchNorm in train mode): `shape` is still `(B, m, n)`, but
+        `to_dense()` is the full `(B, m, B, n)` array and `vjp`/`jvp` map
+        `(B, m)` <-> `(B, n)` across the whole batch.
     """
 
     # Necessary for `ndarray @ Jacobian` to reach `__rmatmul__`.
@@ -59,10 +70,26 @@ class Jacobian:
     #: Internal products call `_call_vjp` / `_call_jvp`, bound once per class to
     #: the private method or to a subclass's public override (`dispatch.py`).
     _DISPATCH: ClassVar[dict[str, str]] = {"vjp": "_vjp", "jvp": "_jvp"}
+    #: What a subclass owes: private method -> what it computes.
+    OWED: ClassVar[dict[str, str]] = {
+        "_vjp": "row-vector products g_i @ J_i, (B, m) -> (B, n)",
+        "_jvp": "column-vector products J_i @ v_i, (B, n) -> (B, m)",
+        "_to_dense": "a new dense array of every block, (B, m, n)",
+        "_transpose": "the per-sample transposes as an operator, (B, n, m)",
+        "_take": "the sub-batch at an index (a slice or an index array) as an operator",
+    }
+    couples_samples: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        missing = [name for name in cls.OWED if not callable(getattr(cls, name, None))]
+        if missing:
+            owed = "; ".join(f"{name} ({cls.OWED[name]})" for name in missing)
+            raise TypeError(
+                f"Jacobian subclass {cls.__name__} must implement {', '.join(missing)}: {owed}"
+            )
         resolve_dispatch(cls)
+
     kind = "abstract"
     shape: tuple[int, int, int]
     dtype: np.dtype

@@ -36,8 +36,15 @@ LOSSES: dict[str, type[Loss]] = {}
 
 
 def register_loss(cls: type[Loss]) -> type[Loss]:
-    """Class decorator: add `cls` to `LOSSES` under its class name."""
-    LOSSES[cls.__name__] = cls
+    """Class decorator: add `cls` to `LOSSES` under its class name.
+
+    A second, different class of the same name is refused (as `register_layer`
+    does): a silent overwrite would change what every test and CLI name means.
+    """
+    name = cls.__name__
+    if name in LOSSES and LOSSES[name] is not cls:
+        raise ValueError(f"register_loss: a different loss named {name!r} is registered")
+    LOSSES[name] = cls
     return cls
 
 

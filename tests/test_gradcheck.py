@@ -94,9 +94,9 @@ def test_richardson_is_more_accurate_on_a_smooth_function():
     x = np.linspace(0.3, 2.0, 6).reshape(2, 3)
     exact = np.zeros((2, 3, 3))
     exact[:, np.arange(3), np.arange(3)] = np.cos(x) * np.exp(np.sin(x))
-    plain = np.abs(jp.numerical_jacobian(lambda z: np.exp(np.sin(z)), x, eps=1e-3) - exact).max()
+    plain = np.abs(jp.numerical_jacobian(lambda z: np.exp(np.sin(z)), x, step=1e-3) - exact).max()
     extrapolated = np.abs(
-        jp.numerical_jacobian(lambda z: np.exp(np.sin(z)), x, eps=1e-3, richardson=True) - exact
+        jp.numerical_jacobian(lambda z: np.exp(np.sin(z)), x, step=1e-3, richardson=True) - exact
     ).max()
     assert extrapolated < plain / 100, (plain, extrapolated)
 
@@ -120,8 +120,8 @@ def test_numerical_jacobian_rejects_bad_arguments():
         jp.numerical_jacobian(3, np.ones((2, 2)))
     with pytest.raises(jp.ShapeError, match="numerical_jacobian"):
         jp.numerical_jacobian(lambda z: z.sum(axis=1), np.ones((2, 3)))
-    with pytest.raises(ValueError, match="eps"):
-        jp.numerical_jacobian(np.tanh, np.ones((2, 3)), eps=-1.0)
+    with pytest.raises(ValueError, match="`step` must be"):
+        jp.numerical_jacobian(np.tanh, np.ones((2, 3)), step=-1.0)
 
 
 # ---- dottest ------------------------------------------------------------------------------

@@ -346,7 +346,7 @@ def _input_differences(ev, losses, step, richardson):
 
 
 # ---- numerical_jacobian -----------------------------------------------------------------------
-def numerical_jacobian(f: Callable, x, *, eps: float | None = None, richardson: bool = False,
+def numerical_jacobian(f: Callable, x, *, step: float | None = None, richardson: bool = False,
                        per_sample: bool = True) -> np.ndarray:
     """The Jacobian of `f` at `x` by central differences, in float64.
 
@@ -358,8 +358,8 @@ def numerical_jacobian(f: Callable, x, *, eps: float | None = None, richardson: 
         array to any array.
     x : array_like
         The point; promoted to float64 (a copy: `f` may not mutate the caller's array).
-    eps : float, optional
-        Relative step: `h_j = eps * max(1, |x_j|)`. Defaults to `eps64^(1/3)`
+    step : float, optional
+        Relative step: `h_j = step * max(1, |x_j|)`. Defaults to `eps64^(1/3)`
         (`eps64^(1/5)` with Richardson).
     richardson : bool
         Combine steps h and h/2, `(4 D(h/2) - D(h)) / 3`, cancelling the `h^2` error.
@@ -382,11 +382,10 @@ def numerical_jacobian(f: Callable, x, *, eps: float | None = None, richardson: 
     where = "numerical_jacobian"
     if not callable(f):
         raise TypeError(f"{where}: `f` must be callable, got {type(f).__name__}")
-    step = _check_tolerance(where, "eps", eps)
-    if step == 0.0:
-        raise ValueError(f"{where}: `eps` must be > 0, got {eps!r}")
-    if step is None:
-        step = _step(richardson)
+    relative = _check_tolerance(where, "step", step)
+    if relative == 0.0:
+        raise ValueError(f"{where}: `step` must be > 0, got {step!r}")
+    step = _step(richardson) if relative is None else relative
     if per_sample:
         x = np.array(check_batch_matrix(x, where=where, name="x"), dtype=np.float64)
         batch, n = x.shape
