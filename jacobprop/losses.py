@@ -57,8 +57,11 @@ class Loss:
         How per-sample losses combine into `L`.
     """
 
-    #: Output values at which the loss has a kink (RMSE at zero error).
-    kinks: ClassVar[tuple[str, ...]] = ()
+    #: Values of the residual `y - t` at which the derivative of `L` jumps, as
+    #: `Layer.kinks` lists the input values where a layer's does (one
+    #: representation, one rule in `jacobprop.checks.kinks`). RMSE: `(0.0,)`,
+    #: `L` is a scaled norm of the residual, kinked where it is 0.
+    kinks: ClassVar[tuple[float, ...]] = ()
     #: `L` is a (weighted) sum of per-sample losses, so it changes by the sum of
     #: their changes; finite-difference checks batch many perturbations on that.
     separable: ClassVar[bool] = True
@@ -207,7 +210,7 @@ class RMSE(MSE):
     `per_sample` gives the per-sample MSE; `reduce` takes the square root.
     """
 
-    kinks = ("zero error",)
+    kinks = (0.0,)
     separable = False
 
     def _reduce(self, per_sample):

@@ -29,7 +29,8 @@ How the checks stay honest
 The kink rule
 -------------
 A layer declares in `kinks` the input values where its derivative jumps (ReLU,
-LeakyReLU: `(0.0,)`); a loss declares named kinks (RMSE: `"zero error"`, where
+LeakyReLU: `(0.0,)`); a loss declares, the same way, the values of the residual
+`y - t` where its derivative jumps (RMSE: `(0.0,)`, where
 `L` is a norm at its minimum). Where the derivative jumps, any value between
 the one-sided slopes is a correct derivative, and finite differences that
 straddle the jump mean nothing. So an entry that fails the central-difference
@@ -40,13 +41,13 @@ test is *accepted at a kink* when, and only when,
    moved and ended on the other side of (or exactly on) a kink, compared with
    the unperturbed pass -- this is how a perturbation of a parameter reaches
    a kink several layers deeper; or the loss is within reach of its named
-   kink (for "zero error": `|L(p)| <= |L(p +- h e_j) - L(p)|`, or `|L(p)|`
+   kink (for the residual 0: `|L(p)| <= |L(p +- h e_j) - L(p)|`, or `|L(p)|`
    within `100 eps |y|` of the network's dtype: a float32 network exactly at
    zero error is a hair off it in the float64 copy); and
 2. the analytic value lies, up to the tolerance plus a first-order slack
    `100 h (|slopes| + floor)`, inside an interval of admissible derivatives:
    between the one-sided differences `(L(p+h) - L(p)) / h` and
-   `(L(p) - L(p-h)) / h`; for "zero error", where `L = k |e|` is a norm, in
+   `(L(p) - L(p-h)) / h`; at the residual 0, where `L = k |e|` is a norm, in
    `[-s, s]` with `s^2 = (L(p+h)^2 + L(p-h)^2 - 2 L(p)^2) / (2 h^2)`, the
    subdifferential of the norm; or inside the *interval chain rule* at the first
    kinked elementwise layer the perturbation reaches. There `dL/dt` splits

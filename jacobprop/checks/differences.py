@@ -58,6 +58,8 @@ class _Evaluator:
             acts.append(leaf.work._call_forward(acts[-1])[0])
         self.acts = acts  # acts[l] is the input of leaf l, acts[-1] the output
         self.kinks = [tuple(float(k) for k in type(leaf.work).kinks) for leaf in leaves]
+        # A layer whose samples interact must see each perturbed batch on its own.
+        self.coupled = [bool(leaf.work.couples_samples) for leaf in leaves]
         width = max(a.shape[1] for a in acts)
         self.chunk = max(1, _CHUNK // (self.batch * width))
 
@@ -74,8 +76,41 @@ class _Evaluator:
             if self.kinks[index]:
                 z = flat.reshape(groups, self.batch, -1)
                 reach |= _crossed(z, self.acts[index], self.kinks[index]).any(axis=2)
-            flat = self.leaves[index].work._call_forward(flat)[0]
+            flat = self.forward(index, flat, groups)
         return flat.reshape(groups, self.batch, -1), reach
+
+    def forward(self, index: int, flat: np.ndarray, groups: int) -> np.ndarray:
+        """Leaf `index` on `groups` stacked batches `(groups * B, w)`."""
+        work = self.leaves[index].work
+        if not self.coupled[index] or groups == 1:
+            return work._call_forward(flat)[0]
+        parts = flat.reshape(groups, self.batch, -1)
+        return np.concatenate([work._call_forward(part)[0] for part in parts])
+
+    def coupled_input_jacobian(self, step: float, richardson: bool):
+        """Differences of the output in every input entry, one at a time: `(B, m, B, n)`.
+
+        For a stack whose samples interact, moving column j of every sample at
+        once (the per-sample shortcut) would add up the cross-sample terms.
+        """
+        x = self.acts[0]
+        y0 = self.acts[-1]
+        batch, n = x.shape
+        h = step * np.maximum(1.0, np.abs(x)).reshape(-1)
+        shape = (batch, y0.shape[1], batch, n)
+        d = {s: np.empty(shape) for s in _scales(richardson)}
+        chunk = max(1, self.chunk // max(1, batch))
+        for first in range(0, batch * n, chunk):
+            coords = np.arange(first, min(batch * n, first + chunk))
+            for s in d:
+                rows = np.repeat(x[None], len(coords), axis=0)
+                rows.reshape(len(coords), -1)[np.arange(len(coords)), coords] += s * h[coords]
+                out, _ = self.run(0, rows)
+                sample, col = np.divmod(coords, n)
+                d[s][:, :, sample, col] = np.moveaxis(out - y0, 0, 2)
+        steps = h.reshape(batch, n)[None, None]
+        reach = np.zeros(shape, dtype=bool)
+        return _combine(d, steps, richardson, reach)
 
     def first_crossing(self, start: int, plus: np.ndarray, minus: np.ndarray):
         """`(l, z+, z-, crossed)` at the first kinked leaf that either pass reaches, or None."""
@@ -190,8 +225,8 @@ class _LossDiffs:
 
     def __init__(self, loss: Loss, t, y0: np.ndarray, kink_floor: float):
         self.loss = loss
-        self.t = _as_float64(t)
-        self.ps0 = np.asarray(loss.per_sample(y0, self.t), dtype=np.float64)
+        self.t = loss._validated_target(y0, _as_float64(t))
+        self.ps0 = np.asarray(loss._call_per_sample(y0, self.t), dtype=np.float64)
         self.value = float(loss.reduce(self.ps0))
         # The base class reduces by a sum (or mean) over samples: one array sum for all
         # groups then, and L - L0 is summed from per-sample differences (less rounding).
@@ -210,7 +245,8 @@ class _LossDiffs:
         if groups not in self._tiled:
             reps = groups if self.t.ndim == 1 else (groups, 1)
             self._tiled[groups] = np.tile(self.t, reps)
-        return self.loss.per_sample(y.reshape(groups * batch, m), self._tiled[groups]).reshape(
+        return self.loss._call_per_sample(y.reshape(groups * batch, m),
+                                          self._tiled[groups]).reshape(
             groups, batch
         )
 
@@ -233,24 +269,24 @@ class _LossDiffs:
         return out
 
     def norm_slope(self, dplus, dminus, h) -> np.ndarray:
-        """For a "zero error" kink, the largest slope of `L` along each step.
+        """For the kink at residual 0, the largest slope of `L` along each step.
 
         There `L = k |e|` is a scaled norm of the error, whose slopes at `e = 0`
         fill `[-k |v|, k |v|]` along `e = t v`; and `k^2 |v|^2` is the second
         difference of `L^2`, `(L(h)^2 + L(-h)^2 - 2 L(0)^2) / (2 h^2)`, even when
         rounding has left the float64 copy a hair off the kink.
         """
-        if "zero error" not in type(self.loss).kinks:
+        if 0.0 not in type(self.loss).kinks:
             return np.zeros(np.shape(dplus))
         plus, minus = self.value + dplus, self.value + dminus
         curvature = (plus ** 2 + minus ** 2 - 2 * self.value ** 2) / 2
         return np.sqrt(np.maximum(curvature, 0.0)) / h
 
     def kink_reach(self, dplus, dminus, fwd, bwd, tol) -> np.ndarray:
-        """Entries whose perturbation reaches one of the loss's named kinks."""
+        """Entries whose perturbation reaches one of the loss's kinks (residual values)."""
         reach = np.zeros(np.shape(dplus), dtype=bool)
         for kink in type(self.loss).kinks:
-            if kink == "zero error":
+            if kink == 0.0:
                 reach |= abs(self.value) <= np.maximum(
                     np.maximum(np.abs(dplus), np.abs(dminus)), self.kink_floor)
             else:  # a kink we cannot locate: within reach wherever the slopes jump
@@ -336,6 +372,20 @@ def _input_differences(ev, losses, step, richardson):
     h = step * np.maximum(1.0, np.abs(x))
     d = {s: np.empty(x.shape) for s in _scales(richardson)}
     reach = np.zeros(x.shape, dtype=bool)
+    if any(ev.coupled):
+        # Samples interact: every entry of x is its own perturbation of the whole batch.
+        flat_h = h.reshape(-1)
+        for first in range(0, x.size, ev.chunk):
+            coords = np.arange(first, min(x.size, first + ev.chunk))
+            for s in d:
+                rows = np.repeat(x[None], len(coords), axis=0)
+                rows.reshape(len(coords), -1)[np.arange(len(coords)), coords] += (
+                    s * flat_h[coords])
+                y, crossed = ev.run(0, rows)
+                d[s].reshape(-1)[coords] = losses.diffs(losses.per_sample(y))
+                if abs(s) == 1.0:
+                    reach.reshape(-1)[coords] |= crossed.any(axis=1)
+        return _combine(d, h, richardson, reach), len(d) * x.size
     # Row g of y holds the B per-sample losses of B separate perturbations.
     for s, cols, y, crossed in _sweep(ev, None, None, h, d):
         d[s][:, cols] = losses.sample_diffs(losses.per_sample(y)).T

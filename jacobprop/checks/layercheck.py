@@ -23,7 +23,6 @@ from .kinks import _direction_split, _jacobian_split, _judge
 from .reports import CheckEntry, GradcheckReport, _entry
 from .tolerance import (
     _ADJOINT_RTOL_POWER,
-    _CONSISTENCY,
     _DIRECTIONS,
     _EPS,
     _FLOOR,
@@ -34,6 +33,9 @@ from .tolerance import (
     _check_rng,
     _check_tolerance,
     _resolve_rtol,
+    consistency_tolerance,
+    refuse_stochastic,
+    rounding_unit,
 )
 
 
@@ -129,17 +131,38 @@ def dottest(J_or_pair, *, shape: tuple | None = None, rng: np.random.Generator |
 
 
 # ---- check_layer -------------------------------------------------------------------------------
-def _consistency_entry(name, label, type_name, check, got, expected, scale, dtype, shape):
-    """Analytic vs analytic: error against `1e3 eps(dtype) * sum of |terms|`."""
-    rtol = _CONSISTENCY * float(np.finfo(dtype).eps)
+def _consistency_entry(name, type_name, check, got, expected, terms, rounding, dtype, shape):
+    """Analytic vs analytic under `consistency_tolerance` (the one rule, `tolerance.py`)."""
     got = np.asarray(got, dtype=np.float64).reshape(-1)
     expected = np.asarray(expected, dtype=np.float64).reshape(-1)
-    scale = np.asarray(scale, dtype=np.float64).reshape(-1)
-    floor = _FLOOR * float(scale.max(initial=0.0))
-    tol = rtol * (scale + floor)
+    terms = np.asarray(terms, dtype=np.float64).reshape(-1)
+    rounding = np.broadcast_to(np.asarray(rounding, dtype=np.float64), shape).reshape(-1)
+    tol = consistency_tolerance(dtype, terms, rounding)
     passed = np.abs(got - expected) <= tol
-    return _entry(name, label, type_name, check, got, expected, tol, floor, passed,
+    floor = float((terms + rounding).max(initial=0.0)) * _FLOOR
+    return _entry(name, None, type_name, check, got, expected, tol, floor, passed,
                   np.zeros(got.size, dtype=bool), shape)
+
+
+def _dot_entry(name, type_name, jvp, vjp, shape, rounding_of, dtype, rng) -> CheckEntry:
+    """The adjoint test `<J u, w> == <u, J^T w>` under the same analytic rule."""
+    batch, m, n = shape
+    u = rng.standard_normal((batch, n)).astype(dtype)
+    w = rng.standard_normal((batch, m)).astype(dtype)
+    ju = np.asarray(jvp(u), dtype=np.float64)
+    jtw = np.asarray(vjp(w), dtype=np.float64)
+    if ju.shape != (batch, m) or jtw.shape != (batch, n):
+        raise ShapeError(f"check_layer: {type_name} {name}: jvp must give {(batch, m)} and vjp "
+                         f"{(batch, n)}, got {ju.shape} and {jtw.shape}")
+    left, right = ju * w, u * jtw
+    lhs, rhs = float(left.sum()), float(right.sum())
+    terms = max(float(np.abs(left).sum()), float(np.abs(right).sum()))
+    rounding = float((rounding_of(np.abs(u)) * np.abs(w)).sum())
+    tol = float(consistency_tolerance(dtype, np.array(terms), np.array(rounding)))
+    discrepancy = abs(lhs - rhs)
+    relative = discrepancy / max(terms + rounding, np.finfo(float).tiny)
+    return CheckEntry(name, None, type_name, "<J u, w> == <u, J^T w>", batch * m * n,
+                      discrepancy, relative, None, lhs, rhs, discrepancy <= tol)
 
 
 def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False,
@@ -151,7 +174,9 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     Parameters
     ----------
     layer : Layer
-        Any layer, a `Sequential` included.
+        Any layer, a `Sequential` included, a user's subclass too: the layer
+        is called the way networks call it, so a public override is what is
+        checked.
     x : array_like `(B, n)`
     fast : bool
         Compare the Jacobians along two random directions instead of per coordinate.
@@ -168,38 +193,55 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     -------
     GradcheckReport
         Entries "dy/dx" and "dy/d<p>" (the layer's Jacobians against finite
-        differences of its forward, `(B, m, n)` and `(B, m, p.size)`),
-        "vjp dx" and "vjp d<p>" (`layer.vjp` against `g_i J_i` and
-        `sum_i g_i J^p_i` for a random `g` `(B, m)`), "jvp" (`layer.jvp`
-        against `J_i v_i`), "dot test" (the layer's own jvp against its vjp)
-        and "dot test J" (the Jacobian operator's jvp against its vjp).
+        differences of its forward, `(B, m, n)` and `(B, m, p.size)`; for a
+        layer that couples samples dy/dx is `(B, m, B, n)`), "vjp dx" and
+        "vjp d<p>" (`vjp` against `g J` and `sum_i g_i J^p_i` for a random
+        `g` `(B, m)`), "jvp" (`jvp` against `J v`), "dot test" (the layer's
+        own jvp against its vjp) and "dot test J" (the Jacobian operator's).
+
+    Raises
+    ------
+    ValueError
+        For a stochastic layer (Dropout in train mode): every forward pass
+        draws a new mask, so no difference quotient means anything.
 
     Notes
     -----
-    The analytic-vs-analytic comparisons use `1e3 eps(dtype)` times the sum
-    of the absolute terms of each product, whatever `rtol` is. Kinks: an entry
-    `(i, r, j)` of a Jacobian whose column j reaches a kink in sample i is
-    accepted between its one-sided differences or inside the interval chain
-    rule for `y_ir` (module docstring).
+    One tolerance policy (`jacobprop.checks.tolerance`): finite-difference
+    entries pass within `atol + rtol max(|terms|, |numeric|)`, analytic
+    comparisons within `1e3 eps(dtype)` of their terms plus the rounding a
+    structured product may leave. Kinks: an entry `(i, r, j)` of a Jacobian
+    whose column j reaches a kink in sample i is accepted between its
+    one-sided differences or inside the interval chain rule for `y_ir`
+    (`jacobprop.checks`). A layer that couples samples is differenced one
+    input entry at a time over the whole batch (no kink rule there).
     """
     where = "check_layer"
     _check_layer_argument(where, "layer", layer)
+    refuse_stochastic(where, layer)
     rng = _check_rng(where, rng)
-    y, cache = layer.forward(x)
+    x_live = layer._check_input(x)
+    y, cache = layer._call_forward(x_live)
     dtype = np.result_type(y.dtype, np.float32)
     rtol, atol = _resolve_rtol(where, dtype, rtol, atol, richardson)
     step = _step(richardson)
-    x_live = cache.x
     batch, n = x_live.shape
     m = y.shape[1]
+    coupled = bool(layer.couples_samples)
     leaves = _flatten(layer, "")
     ev = _Evaluator(leaves, np.asarray(x_live, dtype=np.float64))
     y0 = ev.acts[-1]
     type_name = type(layer).__name__
 
-    jac = layer.jacobian(cache)
+    jac = layer._call_jacobian(cache)
     dense = np.asarray(jac.to_dense(), dtype=np.float64)
-    param_jacs = layer.param_jacobians(cache)
+    dense_shape = (batch, m, batch, n) if coupled else (batch, m, n)
+    if dense.shape != dense_shape:
+        raise ShapeError(
+            f"{where}: {type_name}.jacobian(cache).to_dense() must have shape "
+            f"{'(B, m, B, n)' if coupled else '(B, m, n)'} = {dense_shape} "
+            f"(couples_samples={coupled}), got {dense.shape}")
+    param_jacs = layer._call_param_jacobians(cache)
     param_dense = {key: np.asarray(op.to_dense(), dtype=np.float64)
                    for key, op in param_jacs.items()}
     locate = {leaf.keys[name]: (index, name)
@@ -214,6 +256,12 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     ]
     for label, index, name, jac_dense in targets:
         point = ev.point(index, name)
+        if coupled and index is None:
+            # Samples interact: one input entry at a time, the whole batch each time.
+            fd.append((label, jac_dense, ev.coupled_input_jacobian(step, richardson),
+                       np.abs(jac_dense), dense_shape, None))
+            evaluations += len(_scales(richardson)) * batch * n
+            continue
         if fast:
             shape = (_DIRECTIONS, batch, m)
             d = {s: np.empty(shape) for s in _scales(richardson)}
@@ -252,18 +300,21 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
         evaluations += len(d) * shape[2]
         steps = h[:, None, :] if index is None else h[None, None, :]
         fd.append((label, jac_dense, _combine(d, steps, richardson, reach), np.abs(jac_dense),
-                   shape, _jacobian_split(ev, y0, index, name, h, shape)))
+                   shape, None if coupled else _jacobian_split(ev, y0, index, name, h, shape)))
 
     scale = max([float(np.abs(a).max(initial=0.0)) for _, a, *_ in fd]
                 + [float(np.abs(df.numeric).max(initial=0.0)) for _, _, df, *_ in fd])
     floor = _FLOOR * scale
-    noise_base = _LAYER_NOISE * _EPS * np.abs(y0)
+    # Rounding of one output entry, spread by a coupled layer over the whole batch.
+    noise_out = _LAYER_NOISE * _EPS * (np.full_like(y0, np.abs(y0).max(initial=0.0))
+                                       if coupled else np.abs(y0))
     entries = []
     for name, analytic, diff, terms, shape, split in fd:
         a = np.asarray(analytic, dtype=np.float64).reshape(-1)
         numeric = diff.numeric.reshape(-1)
         hs = np.broadcast_to(diff.steps, shape).reshape(-1)
-        per_output = noise_base if fast else noise_base[:, :, None]
+        per_output = noise_out if fast else noise_out.reshape(
+            noise_out.shape + (1,) * (len(shape) - 2))
         noise = np.broadcast_to(per_output, shape).reshape(-1) / hs
         base = (rtol * floor + noise) if atol is None else atol
         terms = np.broadcast_to(terms, shape).reshape(-1)
@@ -276,40 +327,51 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
                               accepted, shape))
 
     # -- the layer's vjp and jvp against its own Jacobians --------------------------------------
+    x64, y64 = np.asarray(x_live, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    unit = rounding_unit(x64, y64, coupled)
     g = rng.standard_normal((batch, m)).astype(dtype)
     v = rng.standard_normal((batch, n)).astype(dtype)
-    gx, grads = layer.vjp(cache, g)
-    g64, v64 = g.astype(np.float64), v.astype(np.float64)
-    entries.append(_consistency_entry(
-        "vjp dx", None, type_name, "vjp vs Jacobian", gx,
-        np.einsum("bm,bmn->bn", g64, dense),
-        np.einsum("bm,bmn->bn", np.abs(g64), np.abs(dense)), dtype, (batch, n)))
+    gx, grads = layer._call_vjp(cache, _own_dtype(g, y), True)
     _check_gradient_shapes(where, f"{type_name}.vjp", grads, layer.params)
-    for key, pd in param_dense.items():
-        got = grads[key]
-        expected = np.einsum("bm,bmk->k", g64, pd)
-        entries.append(_consistency_entry(
-            f"vjp d{key}", None, type_name, "vjp vs Jacobian", got, expected,
-            np.einsum("bm,bmk->k", np.abs(g64), np.abs(pd)), dtype, np.shape(got)))
+    g64, v64 = g.astype(np.float64), v.astype(np.float64)
+    vjp_spec = "bm,bmcn->cn" if coupled else "bm,bmn->bn"
+    jvp_spec = "bmcn,cn->bm" if coupled else "bmn,bn->bm"
     entries.append(_consistency_entry(
-        "jvp", None, type_name, "jvp vs Jacobian", layer.jvp(cache, v),
-        np.einsum("bmn,bn->bm", dense, v64),
-        np.einsum("bmn,bn->bm", np.abs(dense), np.abs(v64)), dtype, (batch, m)))
-    for name, pair in (("dot test", (lambda u: layer.jvp(cache, u),
-                                     lambda w: layer.vjp(cache, w)[0])),
-                       ("dot test J", jac)):
-        discrepancy = dottest(pair, shape=(batch, m, n), rng=rng)
-        limit = _CONSISTENCY * float(np.finfo(dtype).eps)
-        entries.append(CheckEntry(
-            name, None, type_name, "<J u, v> == <u, J^T v>", batch * m * n, float("nan"),
-            discrepancy, None, float("nan"), float("nan"), discrepancy <= limit))
+        "vjp dx", type_name, "vjp vs Jacobian", gx, np.einsum(vjp_spec, g64, dense),
+        np.einsum(vjp_spec, np.abs(g64), np.abs(dense)), unit(np.abs(g64), "vjp"), dtype,
+        (batch, n)))
+    for key, pd in param_dense.items():
+        entries.append(_consistency_entry(
+            f"vjp d{key}", type_name, "vjp vs Jacobian", grads[key],
+            np.einsum("bm,bmk->k", g64, pd), np.einsum("bm,bmk->k", np.abs(g64), np.abs(pd)),
+            0.0, dtype, np.shape(grads[key])))
+    entries.append(_consistency_entry(
+        "jvp", type_name, "jvp vs Jacobian", layer._call_jvp(cache, _own_dtype(v, y)),
+        np.einsum(jvp_spec, dense, v64), np.einsum(jvp_spec, np.abs(dense), np.abs(v64)),
+        unit(np.abs(v64), "jvp"), dtype, (batch, m)))
+
+    def rounding_of(u_abs):
+        return unit(u_abs, "jvp")
+
+    shape3 = (batch, m, n)
+    entries.append(_dot_entry(
+        "dot test", type_name, lambda u: layer._call_jvp(cache, _own_dtype(u, y)),
+        lambda w: layer._call_vjp(cache, _own_dtype(w, y), True)[0], shape3, rounding_of,
+        dtype, rng))
+    entries.append(_dot_entry(
+        "dot test J", type_name, lambda u: jac._call_jvp(_own_dtype(u, y)),
+        lambda w: jac._call_vjp(_own_dtype(w, y)), shape3, rounding_of, dtype, rng))
 
     method = _method(fast, richardson)
     report = GradcheckReport(
-        f"check_layer {type_name} at x of shape {x_live.shape} ({np.dtype(y.dtype).name})",
+        f"check_layer {type_name} at x of shape {x_live.shape} ({np.dtype(y.dtype).name})"
+        + (", samples coupled" if coupled else ""),
         entries, evaluations, method, rtol, atol)
     if raise_on_fail and not report.ok:
         raise GradcheckError(str(report))
     return report
 
 
+def _own_dtype(array: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A probe vector in the dtype the layer computes in."""
+    return array.astype(y.dtype) if y.dtype.kind == "f" else array

@@ -41,6 +41,7 @@ from .tolerance import (
     _kink_floor,
     _resolve_rtol,
     default_rtol,
+    refuse_stochastic,
 )
 
 
@@ -52,13 +53,14 @@ def _as_sequential(where: str, net) -> Sequential:
 
 def _analytic(where, seq: Sequential, x, t, loss: Loss, mode: str):
     """The gradients under test, in the network's own dtype, keyed like the report."""
-    y, cache = seq.forward(x)
-    value, g = loss.value_and_grad(y, t)
+    # The paths a network itself takes (`_call_*`): a public override is what is checked.
+    y, cache = seq._call_forward(seq._check_input(x))
+    value, g = loss._call_value_and_grad(y, loss._validated_target(y, t))
     if mode == "vjp":
-        gx, grads = seq.vjp(cache, g)
+        gx, grads = seq._call_vjp(cache, g, True)
     else:
         _, grads = seq.value_and_grad(x, t, loss, mode="jacobian")
-        gx = (loss.jacobian(y, t) @ seq.jacobian(cache)).to_dense()[:, 0, :]
+        gx = (loss.jacobian(y, t) @ seq._call_jacobian(cache)).to_dense()[:, 0, :]
     _check_gradient_shapes(where, f"the {mode} backward of {type(seq).__name__}", grads,
                            seq.params)
     analytic = dict(grads)
@@ -99,12 +101,13 @@ def _attribute(leaves, x, t, loss, rtol, atol, rng) -> str:
                 for e in report.failures
             )
             return f"first layer whose own derivatives disagree: {leaf.title}: {failed}"
-        inputs = leaf.live.forward(inputs)[0]
+        inputs = leaf.live._call_forward(leaf.live._check_input(inputs))[0]
     y = np.asarray(inputs, dtype=np.float64)
     t64 = _as_float64(t)
-    numeric = numerical_jacobian(lambda out: np.array([loss.value(out, t64)]), y,
+    t64 = loss._validated_target(y, t64)
+    numeric = numerical_jacobian(lambda out: np.array([loss._call_value(out, t64)]), y,
                                  per_sample=False).reshape(y.shape)
-    analytic = np.asarray(loss.grad(inputs, t), dtype=np.float64)
+    analytic = np.asarray(loss._call_value_and_grad(y, t64)[1], dtype=np.float64)
     error = np.abs(analytic - numeric)
     bound = (rtol or default_rtol()) * (np.abs(analytic) + np.abs(numeric)
                                         + _FLOOR * np.abs(numeric).max(initial=0.0))
@@ -131,6 +134,7 @@ class _Setup(NamedTuple):
 def _prepare(where, net, x, t, loss, mode, rng) -> _Setup:
     """Validate the arguments of a network check and set up its float64 evaluator."""
     seq = _as_sequential(where, net)
+    refuse_stochastic(where, seq)
     _check_loss(where, loss)
     _check_mode(where, mode)
     rng = _check_rng(where, rng)

@@ -1,4 +1,35 @@
-"""The one tolerance policy of every checker, and the checks of their arguments."""
+"""The one tolerance policy of every checker, and the checks of their arguments.
+
+Every checker (`gradcheck`, `check_layer`, `taylor_test`, the testing kit's
+`assert_layer_correct`, which is built on `check_layer`) judges with these
+rules and no others; each is derived from the dtype and from magnitudes of
+the quantities involved, never from the result alone (a result that cancels
+to ~0 must not shrink its own tolerance).
+
+1. **Finite differences** (float64 always). Steps `h_j = eps^(1/3) max(1, |p_j|)`
+   (`eps^(1/5)` with Richardson). An entry passes when
+   `|a - n| <= atol + rtol max(T, |n|)`, with `T` the sum of the absolute
+   terms of the analytic product (`|J|` itself for a Jacobian entry),
+   `rtol = default_rtol()` = `1e5 eps^(2/3)` (3.7e-6; `1e5 eps^(4/5)` with
+   Richardson) and the default `atol = rtol 1e-3 max|analytic, numeric| +
+   rounding of one evaluation / h` (`1e3 eps |y|` for a layer's output,
+   `1e2 eps (|L| + w sum_i max|y_i|)` for a loss). Where the derivative jumps,
+   the kink rule (`kinks.py`) decides instead.
+2. **Analytic against analytic** (vjp and jvp against the dense Jacobian, the
+   dot tests, batch independence, float32 against float64):
+   `|a - b| <= 1e3 eps(dtype) (T + R)`. `T` is again the sum of the absolute
+   terms of the product (`|g| |J|` for a vjp entry); `R` is the rounding a
+   structured product may leave that `T` does not show, per sample
+   `|u_i|_1 |y_i|_inf / max(1, |x_i|_inf)` for the covector or vector `u`:
+   softmax near saturation computes `s (u - <u, s>)`, which rounds relative to
+   `|s| |u|` while `diag(s) - s s^T` has entries near 0. A real bug is an O(1)
+   error relative to `T + R`.
+3. A network or layer computing in float32 is certified only against an
+   `rtol` the caller chose for float32 (rule 1); rule 2 uses eps(float32).
+
+`dottest`, the standalone adjoint test of any operator, has no `y` to take
+`R` from; it passes at `sqrt(eps)` relative to the sums' terms instead.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +53,7 @@ _FLOOR = 1e-3  # entries below 1e-3 * max|grad| are judged against that floor
 _NOISE = 1e2  # rounding of one loss evaluation, in units of eps * (|L| + w sum |y_i|) / h
 _LAYER_NOISE = 1e3  # rounding of one layer output, in units of eps * |y| / h
 _KINK_SLACK = 1e2  # one-sided slopes are first-order accurate: slack 100 * h, relative
-_CONSISTENCY = 1e3  # analytic vs analytic: 1e3 * eps(dtype) * sum of |terms|
+_CONSISTENCY = 1e3  # analytic vs analytic: 1e3 * eps(dtype) * (T + R), rule 2
 # The adjoint test sees only the products' outputs, not what a structured product
 # cancels inside: diag(s) - s s^T applied near saturation rounds relative to |s||u|,
 # not to |J u| (~ (1 - s_max) |u|). An adjoint bug is an O(1) error, so sqrt(eps)
@@ -115,3 +146,50 @@ def _kink_floor(y) -> float:
     eps = float(np.finfo(np.result_type(y.dtype, np.float32)).eps)
     return 1e2 * eps * float(np.abs(y).max(initial=0.0))
 
+
+
+def consistency_tolerance(dtype, terms, rounding):
+    """Rule 2: the `|a - b|` allowed between two analytic computations in `dtype`."""
+    eps = float(np.finfo(np.result_type(dtype, np.float32)).eps)
+    return _CONSISTENCY * eps * (np.asarray(terms) + np.asarray(rounding))
+
+
+def rounding_unit(x: np.ndarray, y: np.ndarray, coupled: bool = False):
+    """Rule 2's `R`: a function of `|u|` `(B, k)` giving the per-sample rounding `(B, 1)`.
+
+    `|u_i|_1 |y_i|_inf / max(1, |x_i|_inf)`; for a layer that couples samples,
+    the whole batch's norms for every sample.
+    """
+    y_size = np.abs(y).max(axis=1, initial=0.0)
+    x_size = np.maximum(1.0, np.abs(x).max(axis=1, initial=0.0))
+    if coupled:
+        y_size = np.full_like(y_size, y_size.max(initial=0.0))
+        x_size = np.full_like(x_size, x_size.max(initial=1.0))
+
+    def unit(u_abs: np.ndarray, kind: str = "vjp") -> np.ndarray:
+        total = u_abs.sum(axis=1)
+        if coupled:
+            total = np.full_like(total, total.sum())
+        return (total * y_size / x_size)[:, None]
+
+    return unit
+
+
+def refuse_stochastic(where: str, layer: Layer) -> None:
+    """Raise when a forward pass of `layer` draws random numbers (Dropout in train mode)."""
+    if layer.stochastic:
+        culprit = _first_stochastic(layer)
+        raise ValueError(
+            f"{where}: {culprit} draws a new random mask on every forward pass, so "
+            f"finite differences of it mean nothing; call net.eval() (or layer.eval() / "
+            f"set training=False) before checking"
+        )
+
+
+def _first_stochastic(layer: Layer) -> str:
+    inner = getattr(layer, "layers", None)
+    if inner is not None:
+        for index, child in enumerate(inner):
+            if child.stochastic:
+                return f"layer {index} ({type(child).__name__})"
+    return f"{type(layer).__name__}"
