@@ -196,8 +196,9 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
         differences of its forward, `(B, m, n)` and `(B, m, p.size)`; for a
         layer that couples samples dy/dx is `(B, m, B, n)`), "vjp dx" and
         "vjp d<p>" (`vjp` against `g J` and `sum_i g_i J^p_i` for a random
-        `g` `(B, m)`), "jvp" (`jvp` against `J v`), "dot test" (the layer's
-        own jvp against its vjp) and "dot test J" (the Jacobian operator's).
+        `g` `(B, m)`), "jvp" (`jvp` against `J v`), "J vjp" and "J jvp" (the
+        Jacobian operator's own products against its dense form), "dot test"
+        (the layer's own jvp against its vjp) and "dot test J" (the operator's).
 
     Raises
     ------
@@ -347,6 +348,16 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
             0.0, dtype, np.shape(grads[key])))
     entries.append(_consistency_entry(
         "jvp", type_name, "jvp vs Jacobian", layer._call_jvp(cache, _own_dtype(v, y)),
+        np.einsum(jvp_spec, dense, v64), np.einsum(jvp_spec, np.abs(dense), np.abs(v64)),
+        unit(np.abs(v64), "jvp"), dtype, (batch, m)))
+
+    # The operator's own products (what `to_scipy` and the default vjp/jvp use).
+    entries.append(_consistency_entry(
+        "J vjp", type_name, "operator vjp vs its dense form", jac._call_vjp(_own_dtype(g, y)),
+        np.einsum(vjp_spec, g64, dense), np.einsum(vjp_spec, np.abs(g64), np.abs(dense)),
+        unit(np.abs(g64), "vjp"), dtype, (batch, n)))
+    entries.append(_consistency_entry(
+        "J jvp", type_name, "operator jvp vs its dense form", jac._call_jvp(_own_dtype(v, y)),
         np.einsum(jvp_spec, dense, v64), np.einsum(jvp_spec, np.abs(dense), np.abs(v64)),
         unit(np.abs(v64), "jvp"), dtype, (batch, m)))
 
