@@ -169,7 +169,7 @@ class TaylorReport:
     gradient_error : float
         `median(r / h) / sum |g d|` over the fitted steps: the relative size of
         a first-order remainder. An order below 1.5 still passes when this is
-        within `100 eps`, the rounding of a float64 gradient.
+        within `default_rtol()` (3.7e-6), what gradcheck's differences accept.
     direction : str
         The direction shown: "given", "all" (every entry at once) or the entry
         key the direction was restricted to.
@@ -194,7 +194,8 @@ class TaylorReport:
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "FAILED"
         if not self.conclusive:
-            summary = "inconclusive: a kink lies within reach of every usable step"
+            summary = ("inconclusive: no step above rounding is both clear of kinks and in "
+                       "the asymptotic range")
         elif math.isinf(self.order):
             summary = "remainder at rounding level for every step (linear along d)"
         else:
