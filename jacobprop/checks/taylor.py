@@ -59,7 +59,10 @@ def _taylor_sequence(ev, losses, spec, analytic, direction, grad_eps, loss) -> T
     curvature = np.append(curvature, curvature[-1])
     asymptotic = curvature <= _ASYMPTOTIC * np.abs(changes)
     above = usable.copy()
-    usable &= asymptotic
+    # The asymptotic range is every step below the first one (from the small end)
+    # that is above rounding and not nearly linear.
+    in_range = np.logical_and.accumulate((asymptotic | ~above)[::-1])[::-1]
+    usable &= asymptotic & in_range
     indices = np.flatnonzero(usable)[-_TAYLOR_POINTS:]
     used = np.zeros(len(steps), dtype=bool)
     used[indices] = True
@@ -80,7 +83,7 @@ def _taylor_sequence(ev, losses, spec, analytic, direction, grad_eps, loss) -> T
         # Either the remainder is at rounding level for every step (L is linear along d)
         # or kinks are within reach of the smallest steps (no verdict possible).
         order, ok = math.inf, True
-        conclusive = not kinked[-_TAYLOR_POINTS:].any() and not (above & ~asymptotic).any()
+        conclusive = not kinked[-_TAYLOR_POINTS:].any() and not (above & ~in_range).any()
     return TaylorReport(steps.copy(), remainders, used, order, ok, conclusive,
                         len(steps), gradient_error)
 

@@ -180,9 +180,9 @@ def refuse_stochastic(where: str, layer: Layer) -> None:
     if layer.stochastic:
         culprit = _first_stochastic(layer)
         raise ValueError(
-            f"{where}: {culprit} draws a new random mask on every forward pass, so "
-            f"finite differences of it mean nothing; call net.eval() (or layer.eval() / "
-            f"set training=False) before checking"
+            f"{where}: {culprit} draws a new random mask on every forward pass; call "
+            f"net.eval() (or set layer.training = False) before checking: finite "
+            f"differences through a new mask per evaluation mean nothing"
         )
 
 
