@@ -208,3 +208,98 @@ def test_public_loss_overrides_are_obeyed():
     assert loss.value(net(x), t) == pytest.approx(2.0 * jp.MSE().value(net(x), t))
     # Finite differences of L come from the overridden per-sample losses.
     assert not jp.gradcheck(net, x, t, loss, rng=rng).ok
+
+
+# ---- names mean one thing; extension points fail early (issue 7, defects 4, 5, 7) ---------
+def test_no_submodule_import_yields_a_function():
+    import importlib
+    from pathlib import Path
+
+    root = Path(jp.__file__).parent
+    names = [p.stem for p in root.glob("*.py") if p.stem not in ("__init__", "__main__")]
+    names += [p.parent.name for p in root.glob("*/__init__.py")]
+    assert "checks" in names and "gradcheck" not in names
+    for name in names:
+        if name == "testing":
+            continue
+        module = importlib.import_module(f"jacobprop.{name}")
+        assert type(module).__name__ == "module", name
+        # The package never re-exports a function under a module's name.
+        assert getattr(jp, name, module) is module, name
+    import jacobprop.checks as checks
+
+    assert callable(checks.numerical_jacobian) and checks.gradcheck is jp.gradcheck
+    for name in jp.__all__:
+        assert hasattr(jp, name), name
+
+
+def test_layer_jacobian_takes_an_input_or_a_cache_like_the_network():
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((3, 4))
+    layer = jp.Tanh()
+    _, cache = layer.forward(x)
+    np.testing.assert_array_equal(layer.jacobian(x).to_dense(), layer.jacobian(cache).to_dense())
+    dense = jp.Dense(4, 2, rng=rng)
+    assert dense.param_jacobians(x)["W"].shape == (3, 2, 8)
+    with pytest.raises(TypeError, match=r"Tanh.jacobian: expected the input x \(B, n\) or the "
+                                        r"cache of Tanh.forward.*got dict"):
+        layer.jacobian({"x": x})
+    with pytest.raises(jp.ShapeError, match="Dense"):
+        dense.jacobian(x[:, :3])
+
+
+def test_an_option_without_effect_is_an_error():
+    rng = np.random.default_rng(11)
+    net = jp.Sequential(jp.Dense(3, 2, rng=rng))
+    x, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    with pytest.raises(ValueError, match="dense=True.*mode='jacobian'"):
+        net.value_and_grad(x, t, jp.MSE(), mode="vjp", dense=True)
+    net.value_and_grad(x, t, jp.MSE(), mode="jacobian", dense=True)
+
+
+def test_both_registries_refuse_a_silent_overwrite():
+    with pytest.raises(ValueError, match="register_loss: a different loss named 'MSE'"):
+        jp.register_loss(type("MSE", (jp.Loss,), {}))
+    with pytest.raises(ValueError, match="register_layer: a different layer named 'Tanh'"):
+        jp.register_layer(type("Tanh", (jp.Layer,), {}))
+    assert jp.register_loss(jp.MSE) is jp.MSE  # registering the same class again is fine
+
+
+def test_a_step_is_called_a_step_and_kinks_are_one_representation():
+    x = np.ones((2, 3))
+    np.testing.assert_allclose(jp.numerical_jacobian(np.sin, x, step=1e-4)[:, 0, 0],
+                               np.cos(1.0), rtol=1e-7)
+    with pytest.raises(TypeError, match="eps"):
+        jp.numerical_jacobian(np.sin, x, eps=1e-4)
+    for cls in [*jp.LAYERS.values(), *jp.LOSSES.values()]:
+        assert all(isinstance(kink, float) for kink in cls.kinks), cls
+    assert jp.RMSE.kinks == (0.0,)
+
+
+def test_a_cache_without_x_fails_at_the_first_forward_naming_the_layer():
+    class Forgetful(jp.Layer):
+        def _forward(self, x):
+            return 2 * x, (x,)
+
+        def _jacobian(self, cache):
+            return jp.DiagonalJacobian(np.full(cache[0].shape, 2.0))
+
+    with pytest.raises(TypeError, match=r"Forgetful._forward must return \(y, cache\) whose "
+                                        r"cache carries the input as `cache.x`"):
+        jp.Sequential(Forgetful())(np.ones((2, 3)))
+    with pytest.raises(TypeError, match="Forgetful._forward"):
+        Forgetful().forward(np.ones((2, 3)))
+
+
+def test_a_jacobian_subclass_missing_a_method_fails_at_definition_naming_it():
+    with pytest.raises(TypeError, match=r"Jacobian subclass Half must implement _jvp, "
+                                        r"_transpose: _jvp \(column-vector products"):
+        class Half(jp.Jacobian):
+            def _vjp(self, g):
+                return g
+
+            def _to_dense(self):
+                return np.zeros(self.shape)
+
+            def _take(self, index):
+                return self
