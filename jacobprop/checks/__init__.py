@@ -15,16 +15,23 @@ How the checks stay honest
   `h_j = eps^(1/3) max(1, |p_j|)` for central differences (truncation `h^2`
   against rounding `eps/h`) and `eps^(1/5) max(1, |p_j|)` with Richardson
   extrapolation `(4 D(h/2) - D(h)) / 3`, which cancels the `h^2` term.
-- Tolerances follow from the same numbers: `rtol = 1e5 eps^(2/3)` (3.7e-6)
-  for central differences and `1e5 eps^(4/5)` (2.9e-8) with Richardson; an
-  entry passes when `|a - n| <= atol + rtol max(|a|, |n|)`, where the default
-  `atol = rtol 1e-3 max|grad| + 1e2 eps (|L| + w sum_i max|y_i|) / h`
-  (`w = 1/B` for a mean) is a floor under which an entry is judged against
-  the whole gradient's magnitude (never divided by ~0), plus the rounding of
-  the loss itself. Nothing grows with the dimension.
+- Tolerances follow one policy, stated once in `tolerance.py` (finite
+  differences against `rtol max(|terms|, |numeric|)` plus a floor and the
+  rounding of one evaluation, `rtol = 1e5 eps^(2/3)`; analytic against
+  analytic within `1e3 eps(dtype)` of the product's terms plus the rounding a
+  structured product may leave). Nothing grows with the dimension.
 - A network that computes in float32 is certified only against tolerances
   the caller chose for float32 (`rtol=`, optionally `atol=`); without them
   the checks raise TypeError rather than apply float64 tolerances.
+- Layers and losses are called as a network calls them (`_call_*`, see
+  `jacobprop.dispatch`): a public override is what gets checked. A stochastic
+  layer in train mode is refused (ValueError: call `net.eval()`).
+
+The package: `tolerance` (the policy, argument checks), `reports`
+(`CheckEntry`, `GradcheckReport`, `TaylorReport`), `differences` (the float64
+copy, batched perturbed passes, `numerical_jacobian`), `kinks` (the kink
+rule), `layercheck` (`check_layer`, `dottest`), `netcheck` (`gradcheck`),
+`taylor` (`taylor_test`).
 
 The kink rule
 -------------
@@ -75,14 +82,18 @@ The vectorized full check
 -------------------------
 For a `Sequential` (nested stacks are flattened), the prefix up to layer `l`
 runs once; the outputs of layer `l` under every perturbation of one of its
-parameters are stacked as extra batch rows -- for `Dense`, moving `W[j, k]`
-by `h` moves output column `j` by `h x[:, k]`, with no call at all; any other
-layer is evaluated once per coordinate on its own input -- and the rows go
-through the rest of the network in batched forward passes, chunked to about
-16 MiB per array. `loss.per_sample` then gives one row of per-sample losses
-per perturbation, reduced per group (`loss.reduce`; as one array sum when the
-loss keeps the base class's mean/sum reduction). The input `x` costs 2n
-evaluations for all `B` samples, since samples never interact.
+parameters are stacked as extra batch rows -- a layer whose hook
+`Layer._affine_param_change` describes the change says it with no call at
+all (Dense: moving `W[j, k]` by `h` moves output column `j` by `h x[:, k]`);
+any other layer is evaluated once per coordinate on its own input -- and the
+rows go through the rest of the network in batched forward passes, chunked to
+about 16 MiB per array. `loss.per_sample` then gives one row of per-sample
+losses per perturbation, reduced per group (`loss.reduce`; as one array sum
+when the loss keeps the base class's mean/sum reduction). The input `x` costs
+2n evaluations for all `B` samples, since samples never interact -- unless
+the network says they do (`couples_samples`, BatchNorm in train mode): then
+every entry of `x` is its own perturbation of the whole batch (2Bn), and a
+coupled layer sees each perturbed batch on its own, never stacked.
 """
 
 from .differences import numerical_jacobian

@@ -2,8 +2,13 @@
 
 A new layer owes `_forward` and `_jacobian` (and `_param_jacobians` if it has
 parameters); `_vjp` and `_jvp` come from the Jacobian and are overridden only
-to be faster. Public methods validate and delegate to the private ones, which
-`Sequential` calls directly once the network input has been checked.
+to be faster. `_forward` returns `(y, cache)` whose cache carries the input as
+`cache.x`; the first forward pass of each class checks it. Public methods
+validate and delegate to the private ones; internal code (Sequential, the
+checkers, the testing kit) calls `_call_<method>`, bound once per class to the
+private method or to a subclass's public override (`jacobprop.dispatch`).
+Two optional hooks, `_affine_param_change` and `_affine_input_columns`, let
+the finite-difference checkers skip forward passes for affine layers.
 """
 
 from __future__ import annotations
