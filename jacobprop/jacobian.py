@@ -193,8 +193,14 @@ class Jacobian:
 
         With `sample=i` it is the `(m, n)` block of sample i; with `sample=None`
         the whole batch as one block-diagonal operator of shape `(B*m, B*n)`
-        acting on C-order flattened `(B, n)` arrays.
+        acting on C-order flattened `(B, n)` arrays (for an operator that
+        couples samples, the whole coupled matrix, and `sample` is refused).
         """
+        if sample is not None and self.couples_samples:
+            raise ValueError(
+                f"{type(self).__name__}.to_scipy: the samples are coupled, so there is no "
+                f"block of one sample; call to_scipy() for the whole batch"
+            )
         op = self if sample is None else self[sample]
         batch, m, n = op.shape
 
@@ -210,7 +216,13 @@ class Jacobian:
         )
 
     def to_sparse(self) -> sparse.csr_array:
-        """The block-diagonal `(B*m, B*n)` matrix as a `scipy.sparse.csr_array`."""
+        """The block-diagonal `(B*m, B*n)` matrix as a `scipy.sparse.csr_array`.
+
+        For an operator that couples samples, the whole `(B*m, B*n)` matrix.
+        """
+        if self.couples_samples:
+            batch, m, n = self.shape
+            return sparse.csr_array(self._dense_view().reshape(batch * m, batch * n))
         return _blocks_to_sparse(self._dense_view())
 
     # ---- adapters: how internal paths call a user's public override --------

@@ -202,3 +202,17 @@ def test_a_coupled_operator_in_a_layer_declaring_no_coupling_is_caught():
     rng = np.random.default_rng(8)
     with pytest.raises(jp.GradcheckError, match="couples samples"):
         assert_layer_correct(Undeclared(), rng=rng, float32=False)
+
+
+def test_a_coupled_operator_views_the_whole_batch_in_scipy():
+    from mutants import CenteringJacobian
+
+    op = CenteringJacobian(3, 2, np.float64)
+    assert op.couples_samples and not jp.DiagonalJacobian(np.ones((3, 2))).couples_samples
+    dense = op.to_dense().reshape(6, 6)
+    v = np.random.default_rng(12).standard_normal(6)
+    np.testing.assert_allclose(op.to_sparse().toarray(), dense)
+    np.testing.assert_allclose(op.to_scipy().matvec(v), dense @ v, atol=1e-15)
+    np.testing.assert_allclose(op.to_scipy().rmatvec(v), dense.T @ v, atol=1e-15)
+    with pytest.raises(ValueError, match="samples are coupled"):
+        op.to_scipy(sample=0)
