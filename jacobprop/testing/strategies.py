@@ -122,16 +122,16 @@ def kink_distances(layer: Layer, x: np.ndarray) -> list[LayerInputs]:
                 distance = np.full(z.shape, np.inf)
             gain = np.ones(z.shape) if position == 0 else _gains(leaves[:position], x)
             found.append(LayerInputs(position, leaf, z, distance, gain))
-        z = leaf(z)
+        z = leaf._call_forward(leaf._check_input(z))[0]
     return found
 
 
 def _gains(prefix: list[Layer], x: np.ndarray) -> np.ndarray:
     """`(B, w)`: the largest |derivative| of each prefix output in x and the prefix params."""
     net = Sequential(*prefix)
-    _, cache = net.forward(x)
-    gain = np.abs(net.jacobian(cache).to_dense()).max(axis=2, initial=0.0)
-    for op in net.param_jacobians(cache).values():
+    _, cache = net._call_forward(net._check_input(x))
+    gain = np.abs(net._call_jacobian(cache).to_dense()).max(axis=2, initial=0.0)
+    for op in net._call_param_jacobians(cache).values():
         np.maximum(gain, np.abs(op.to_dense()).max(axis=2, initial=0.0), out=gain)
     return gain
 
