@@ -268,31 +268,6 @@ class _LossDiffs:
                 out[group, sample] = self.loss.reduce(row) - self.value
         return out
 
-    def norm_slope(self, dplus, dminus, h) -> np.ndarray:
-        """For the kink at residual 0, the largest slope of `L` along each step.
-
-        There `L = k |e|` is a scaled norm of the error, whose slopes at `e = 0`
-        fill `[-k |v|, k |v|]` along `e = t v`; and `k^2 |v|^2` is the second
-        difference of `L^2`, `(L(h)^2 + L(-h)^2 - 2 L(0)^2) / (2 h^2)`, even when
-        rounding has left the float64 copy a hair off the kink.
-        """
-        if 0.0 not in type(self.loss).kinks:
-            return np.zeros(np.shape(dplus))
-        plus, minus = self.value + dplus, self.value + dminus
-        curvature = (plus ** 2 + minus ** 2 - 2 * self.value ** 2) / 2
-        return np.sqrt(np.maximum(curvature, 0.0)) / h
-
-    def kink_reach(self, dplus, dminus, fwd, bwd, tol) -> np.ndarray:
-        """Entries whose perturbation reaches one of the loss's kinks (residual values)."""
-        reach = np.zeros(np.shape(dplus), dtype=bool)
-        for kink in type(self.loss).kinks:
-            if kink == 0.0:
-                reach |= abs(self.value) <= np.maximum(
-                    np.maximum(np.abs(dplus), np.abs(dminus)), self.kink_floor)
-            else:  # a kink we cannot locate: within reach wherever the slopes jump
-                reach |= np.abs(fwd - bwd) > tol
-        return reach
-
 
 # ---- finite differences -------------------------------------------------------------------
 @dataclass

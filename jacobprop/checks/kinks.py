@@ -1,4 +1,10 @@
-"""The kink rule: where a derivative jumps, any slope between the one-sided ones is right."""
+"""The kink rule, for layers and losses alike: where a derivative jumps, any slope
+between the one-sided ones is right.
+
+A layer's `kinks` are input values, a loss's are values of the residual `y - t`
+(one representation, `Layer.kinks` / `Loss.kinks`, floats); everything that
+reads them is here: the reach masks, the interval chain rule, the judgement.
+"""
 
 from __future__ import annotations
 
@@ -154,10 +160,10 @@ def _judge(a, diff, tol, slack_unit, floor, losses=None, split=None):
     inside = (a >= np.minimum(fwd, bwd) - slack) & (a <= np.maximum(fwd, bwd) + slack)
     if losses is not None:
         dplus, dminus = diff.dplus.reshape(-1), diff.dminus.reshape(-1)
-        loss_reach = losses.kink_reach(dplus, dminus, fwd, bwd, tol)
+        loss_reach = loss_kink_reach(losses, dplus, dminus, fwd, bwd, tol)
         reach |= loss_reach
         steps = np.broadcast_to(diff.steps, diff.numeric.shape).reshape(-1)
-        inside |= loss_reach & (np.abs(a) <= losses.norm_slope(dplus, dminus, steps) + slack)
+        inside |= loss_reach & (np.abs(a) <= loss_norm_slope(losses, dplus, dminus, steps) + slack)
     accepted = ~passed & reach & inside
     evaluations = 0
     if split is not None:
@@ -175,3 +181,36 @@ def _judge(a, diff, tol, slack_unit, floor, losses=None, split=None):
     return passed | accepted, accepted, evaluations
 
 
+# ---- the same rule for a loss: its kinks are values of the residual y - t ----------------
+def loss_norm_slope(losses, dplus, dminus, h) -> np.ndarray:
+    """For the kink at residual 0, the largest slope of `L` along each step.
+
+    There `L = k |e|` is a scaled norm of the error, whose slopes at `e = 0`
+    fill `[-k |v|, k |v|]` along `e = t v`; and `k^2 |v|^2` is the second
+    difference of `L^2`, `(L(h)^2 + L(-h)^2 - 2 L(0)^2) / (2 h^2)`, even when
+    rounding has left the float64 copy a hair off the kink.
+    """
+    if 0.0 not in type(losses.loss).kinks:
+        return np.zeros(np.shape(dplus))
+    plus, minus = losses.value + dplus, losses.value + dminus
+    curvature = (plus ** 2 + minus ** 2 - 2 * losses.value ** 2) / 2
+    return np.sqrt(np.maximum(curvature, 0.0)) / h
+
+def loss_kink_reach(losses, dplus, dminus, fwd, bwd, tol) -> np.ndarray:
+    """Entries whose perturbation reaches one of the loss's kinks (residual values)."""
+    reach = np.zeros(np.shape(dplus), dtype=bool)
+    for kink in type(losses.loss).kinks:
+        if kink == 0.0:
+            reach |= abs(losses.value) <= np.maximum(
+                np.maximum(np.abs(dplus), np.abs(dminus)), losses.kink_floor)
+        else:  # a kink we cannot locate: within reach wherever the slopes jump
+            reach |= np.abs(fwd - bwd) > tol
+    return reach
+
+
+
+
+def loss_near_kink(losses, change: float) -> bool:
+    """The Taylor test's form of `loss_kink_reach`: one step changed `L` by `change`."""
+    return bool(type(losses.loss).kinks) and abs(losses.value) <= max(abs(change),
+                                                                      losses.kink_floor)

@@ -10,6 +10,7 @@ from ..errors import GradcheckError, ShapeError
 from ..layers.base import Layer
 from ..losses import Loss
 from .differences import _random_direction
+from .kinks import loss_near_kink
 from .netcheck import _analytic_float64, _attribute, _prepare
 from .reports import TaylorReport
 from .tolerance import _EPS, _TAYLOR_POINTS, _TAYLOR_STEPS, default_rtol
@@ -47,9 +48,7 @@ def _taylor_sequence(ev, losses, spec, analytic, direction, grad_eps, loss) -> T
         changes[number] = change
         remainders[number] = abs(change - h * slope)
         rounding = _EPS * losses.scale
-        loss_kink = bool(type(loss).kinks) and abs(losses.value) <= max(abs(change),
-                                                                        losses.kink_floor)
-        kinked[number] = crossed.any() or loss_kink
+        kinked[number] = crossed.any() or loss_near_kink(losses, change)
         usable[number] = not kinked[number] and remainders[number] > 1e2 * rounding
     # The remainder is O(h^2) only where the change is nearly linear in h: with
     # D(h) = L(p + h d) - L(p), the curvature part D(h) - 2 D(h/2) must be at most
