@@ -303,3 +303,17 @@ def test_a_jacobian_subclass_missing_a_method_fails_at_definition_naming_it():
 
             def _take(self, index):
                 return self
+
+
+class DoubledValueMSE(jp.MSE):
+    def value(self, y, t):
+        return 2.0 * super().value(y, t)
+
+
+def test_a_public_value_override_defines_the_loss_gradcheck_differences():
+    net, _, x, t, rng = problem(jp.Tanh(), 7)
+    # value_and_grad still gives MSE's gradient, so the two public methods disagree.
+    report = jp.gradcheck(net, x, t, DoubledValueMSE(), rng=rng)
+    assert not report.ok and not report["x"].passed and not report["0.W"].passed
+    assert "the loss DoubledValueMSE does not" in report.culprit
+    assert jp.gradcheck(net, x, t, jp.MSE(), rng=rng).ok

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..dispatch import is_standard
 from ..errors import ShapeError, check_batch_matrix
 from ..layers.base import Layer
 from ..losses import Loss
@@ -226,11 +227,18 @@ class _LossDiffs:
     def __init__(self, loss: Loss, t, y0: np.ndarray, kink_floor: float):
         self.loss = loss
         self.t = loss._validated_target(y0, _as_float64(t))
-        self.ps0 = np.asarray(loss._call_per_sample(y0, self.t), dtype=np.float64)
-        self.value = float(loss.reduce(self.ps0))
+        # A subclass that overrides the public `value` defines L by it: then L is
+        # evaluated whole, per perturbed batch, and never from per-sample losses.
+        self.whole = not is_standard(type(loss), "value")
+        if self.whole:
+            self.ps0 = None
+            self.value = float(loss._call_value(y0, self.t))
+        else:
+            self.ps0 = np.asarray(loss._call_per_sample(y0, self.t), dtype=np.float64)
+            self.value = float(loss.reduce(self.ps0))
         # The base class reduces by a sum (or mean) over samples: one array sum for all
         # groups then, and L - L0 is summed from per-sample differences (less rounding).
-        self.linear = loss.separable
+        self.linear = loss.separable and not self.whole
         self.weight = 1.0 / y0.shape[0] if loss.reduction == "mean" else 1.0
         # What one evaluation of L is rounded against: L itself and the outputs it
         # is computed from (a cross-entropy of large logits cancels them).
@@ -241,6 +249,10 @@ class _LossDiffs:
         self.kink_floor = kink_floor
 
     def per_sample(self, y: np.ndarray) -> np.ndarray:
+        """Per-sample losses (G, B) of the outputs (G, B, m); the outputs themselves when
+        L is evaluated whole."""
+        if self.whole:
+            return y
         groups, batch, m = y.shape
         if groups not in self._tiled:
             reps = groups if self.t.ndim == 1 else (groups, 1)
@@ -254,7 +266,11 @@ class _LossDiffs:
         """`L - L0` per group, `ps` (G, B) -> (G,)."""
         if self.linear:
             return self.weight * (ps - self.ps0).sum(axis=1)
-        return np.array([self.loss.reduce(row) for row in ps], dtype=np.float64) - self.value
+        if self.whole:
+            values = [self.loss._call_value(row, self.t) for row in ps]
+        else:
+            values = [self.loss.reduce(row) for row in ps]
+        return np.array(values, dtype=np.float64) - self.value
 
     def sample_diffs(self, ps: np.ndarray) -> np.ndarray:
         """`L - L0` when only sample i takes its value from row g: (G, B) -> (G, B)."""
@@ -347,8 +363,9 @@ def _input_differences(ev, losses, step, richardson):
     h = step * np.maximum(1.0, np.abs(x))
     d = {s: np.empty(x.shape) for s in _scales(richardson)}
     reach = np.zeros(x.shape, dtype=bool)
-    if any(ev.coupled):
-        # Samples interact: every entry of x is its own perturbation of the whole batch.
+    if any(ev.coupled) or losses.whole:
+        # Samples interact (or L is evaluated whole): every entry of x is its own
+        # perturbation of the whole batch.
         flat_h = h.reshape(-1)
         for first in range(0, x.size, ev.chunk):
             coords = np.arange(first, min(x.size, first + ev.chunk))
