@@ -38,6 +38,7 @@ import numpy as np
 
 import jacobprop as jp
 from jacobprop.jacobian import DiagonalJacobian, GeneralJacobian, Jacobian
+from jacobprop.testing import checkable
 
 
 class SignFlipTanh(jp.Tanh):
@@ -288,7 +289,8 @@ def mutant_layer(mutant_cls, *, rng: np.random.Generator):
 
 
 def registered_example(layer_name: str, width: int, batch: int, *, rng: np.random.Generator):
-    """A registered layer's example, a random input and the same input on its kinks.
+    """A registered layer's example (in eval mode if stochastic), a random input and the
+    same input on its kinks.
 
     Returns `(layer, x, at_kinks)`, both inputs `(batch, layer.input_dim or width)`.
     `at_kinks` puts a whole sample (the first) on the first kink, and every other
@@ -297,7 +299,7 @@ def registered_example(layer_name: str, width: int, batch: int, *, rng: np.rando
     feature. Equal to `x` for a layer without kinks.
     """
     cls = jp.LAYERS[layer_name]
-    layer = cls.example(width, rng=rng)
+    layer = checkable(cls.example(width, rng=rng))
     x = rng.standard_normal((batch, layer.input_dim or width))
     at_kinks = x.copy()
     if cls.kinks:

@@ -16,6 +16,7 @@ from mutants import registered_example
 
 import jacobprop as jp
 from jacobprop.checks import CENTRAL_STEP, default_rtol
+from jacobprop.testing import checkable
 
 LAYER_NAMES = sorted(jp.LAYERS)
 LOSS_NAMES = sorted(jp.LOSSES)
@@ -24,7 +25,7 @@ F32 = {"rtol": 1e-3, "atol": 1e-5}
 
 def stack_with(layer_name, *, rng, dtype=np.float64, width=5, n_in=4, n_out=3):
     """`Dense(n_in, width) -> <registered layer> -> Dense(., n_out)` in `dtype`."""
-    middle = jp.LAYERS[layer_name].example(width, rng=rng, dtype=dtype)
+    middle = checkable(jp.LAYERS[layer_name].example(width, rng=rng, dtype=dtype))
     inner = middle.output_dim(width)
     return jp.Sequential(
         jp.Dense(n_in, width, rng=rng, dtype=dtype),
@@ -659,7 +660,7 @@ def regression_input(layer_name: str, kind: str, seed: int):
     rng = np.random.default_rng(seed)
     cls = jp.LAYERS[layer_name]
     width, batch = int(rng.integers(1, 6)), int(rng.integers(1, 5))
-    layer = cls.example(width, rng=rng)
+    layer = checkable(cls.example(width, rng=rng))
     shape = (batch, layer.input_dim or width)
     if kind == "logits N(0, 6^2)":
         x = rng.normal(0.0, 6.0, shape)
