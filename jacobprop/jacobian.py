@@ -50,8 +50,10 @@ class Jacobian:
 
     Subclasses set `shape` and `dtype` and implement every private method in
     `OWED` (checked when the class is defined: a missing one raises TypeError
-    naming it); `_apply`, `_rapply`, `_sum_vjp`, `_batch_sum` have dense
-    defaults to override when a structure makes them cheaper. The public
+    naming it; an intermediate base class opts out with
+    `class Base(Jacobian, abstract=True)`); `_apply`, `_rapply`, `_sum_vjp`,
+    `_batch_sum` have dense defaults to override when a structure makes them
+    cheaper. The public
     methods here validate once and delegate (scipy's `matvec` -> `_matvec`
     pattern).
 
@@ -80,15 +82,17 @@ class Jacobian:
     }
     couples_samples: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, abstract: bool = False, **kwargs):
         super().__init_subclass__(**kwargs)
+        # `class Base(Jacobian, abstract=True)` defers the check to its subclasses.
         missing = [name for name in cls.OWED if not callable(getattr(cls, name, None))]
-        if missing:
+        if missing and not abstract:
             owed = "; ".join(f"{name} ({cls.OWED[name]})" for name in missing)
             raise TypeError(
                 f"Jacobian subclass {cls.__name__} must implement {', '.join(missing)}: {owed}"
             )
-        resolve_dispatch(cls)
+        if not missing:
+            resolve_dispatch(cls)
 
     kind = "abstract"
     shape: tuple[int, int, int]

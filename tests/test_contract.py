@@ -317,3 +317,13 @@ def test_a_public_value_override_defines_the_loss_gradcheck_differences():
     assert not report.ok and not report["x"].passed and not report["0.W"].passed
     assert "the loss DoubledValueMSE does not" in report.culprit
     assert jp.gradcheck(net, x, t, jp.MSE(), rng=rng).ok
+
+
+def test_an_abstract_jacobian_base_defers_the_check_to_its_subclasses():
+    class Base(jp.Jacobian, abstract=True):
+        def _transpose(self):
+            return self
+
+    with pytest.raises(TypeError, match="Jacobian subclass Concrete must implement _vjp"):
+        class Concrete(Base):
+            pass
