@@ -9,8 +9,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .errors import GradcheckError, ShapeError
-from .gradcheck import (
+from .checks import (
     CheckEntry,
     GradcheckReport,
     TaylorReport,
@@ -20,6 +19,7 @@ from .gradcheck import (
     numerical_jacobian,
     taylor_test,
 )
+from .errors import GradcheckError, ShapeError
 from .io import ModelFileError, load, save
 from .jacobian import (
     DiagonalJacobian,

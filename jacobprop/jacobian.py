@@ -48,10 +48,23 @@ __all__ = [
 class Jacobian:
     """B per-sample Jacobian blocks of shape `(m, n)`, kept in structured form.
 
-    Subclasses set `shape` and `dtype` and implement the private `_vjp`,
-    `_jvp`, `_to_dense`, `_transpose`, `_apply`, `_rapply` and `_take`; the
-    public methods here validate once and delegate (scipy's `matvec` ->
-    `_matvec` pattern).
+    Subclasses set `shape` and `dtype` and implement every private method in
+    `OWED` (checked when the class is defined: a missing one raises TypeError
+    naming it; an intermediate base class opts out with
+    `class Base(Jacobian, abstract=True)`); `_apply`, `_rapply`, `_sum_vjp`,
+    `_batch_sum` have dense defaults to override when a structure makes them
+    cheaper. The public
+    methods here validate once and delegate (scipy's `matvec` -> `_matvec`
+    pattern).
+
+    Attributes
+    ----------
+    couples_samples : bool
+        False (block-diagonal, the default): `shape` `(B, m, n)` stands for B
+        independent blocks. True for an operator of a layer whose samples
+        interact (BatchNorm in train mode): `shape` is still `(B, m, n)`, but
+        `to_dense()` is the full `(B, m, B, n)` array and `vjp`/`jvp` map
+        `(B, m)` <-> `(B, n)` across the whole batch.
     """
 
     # Necessary for `ndarray @ Jacobian` to reach `__rmatmul__`.
@@ -59,10 +72,28 @@ class Jacobian:
     #: Internal products call `_call_vjp` / `_call_jvp`, bound once per class to
     #: the private method or to a subclass's public override (`dispatch.py`).
     _DISPATCH: ClassVar[dict[str, str]] = {"vjp": "_vjp", "jvp": "_jvp"}
+    #: What a subclass owes: private method -> what it computes.
+    OWED: ClassVar[dict[str, str]] = {
+        "_vjp": "row-vector products g_i @ J_i, (B, m) -> (B, n)",
+        "_jvp": "column-vector products J_i @ v_i, (B, n) -> (B, m)",
+        "_to_dense": "a new dense array of every block, (B, m, n)",
+        "_transpose": "the per-sample transposes as an operator, (B, n, m)",
+        "_take": "the sub-batch at an index (a slice or an index array) as an operator",
+    }
+    couples_samples: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, abstract: bool = False, **kwargs):
         super().__init_subclass__(**kwargs)
-        resolve_dispatch(cls)
+        # `class Base(Jacobian, abstract=True)` defers the check to its subclasses.
+        missing = [name for name in cls.OWED if not callable(getattr(cls, name, None))]
+        if missing and not abstract:
+            owed = "; ".join(f"{name} ({cls.OWED[name]})" for name in missing)
+            raise TypeError(
+                f"Jacobian subclass {cls.__name__} must implement {', '.join(missing)}: {owed}"
+            )
+        if not missing:
+            resolve_dispatch(cls)
+
     kind = "abstract"
     shape: tuple[int, int, int]
     dtype: np.dtype
@@ -166,8 +197,14 @@ class Jacobian:
 
         With `sample=i` it is the `(m, n)` block of sample i; with `sample=None`
         the whole batch as one block-diagonal operator of shape `(B*m, B*n)`
-        acting on C-order flattened `(B, n)` arrays.
+        acting on C-order flattened `(B, n)` arrays (for an operator that
+        couples samples, the whole coupled matrix, and `sample` is refused).
         """
+        if sample is not None and self.couples_samples:
+            raise ValueError(
+                f"{type(self).__name__}.to_scipy: the samples are coupled, so there is no "
+                f"block of one sample; call to_scipy() for the whole batch"
+            )
         op = self if sample is None else self[sample]
         batch, m, n = op.shape
 
@@ -183,7 +220,13 @@ class Jacobian:
         )
 
     def to_sparse(self) -> sparse.csr_array:
-        """The block-diagonal `(B*m, B*n)` matrix as a `scipy.sparse.csr_array`."""
+        """The block-diagonal `(B*m, B*n)` matrix as a `scipy.sparse.csr_array`.
+
+        For an operator that couples samples, the whole `(B*m, B*n)` matrix.
+        """
+        if self.couples_samples:
+            batch, m, n = self.shape
+            return sparse.csr_array(self._dense_view().reshape(batch * m, batch * n))
         return _blocks_to_sparse(self._dense_view())
 
     # ---- adapters: how internal paths call a user's public override --------

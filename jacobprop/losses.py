@@ -36,8 +36,15 @@ LOSSES: dict[str, type[Loss]] = {}
 
 
 def register_loss(cls: type[Loss]) -> type[Loss]:
-    """Class decorator: add `cls` to `LOSSES` under its class name."""
-    LOSSES[cls.__name__] = cls
+    """Class decorator: add `cls` to `LOSSES` under its class name.
+
+    A second, different class of the same name is refused (as `register_layer`
+    does): a silent overwrite would change what every test and CLI name means.
+    """
+    name = cls.__name__
+    if name in LOSSES and LOSSES[name] is not cls:
+        raise ValueError(f"register_loss: a different loss named {name!r} is registered")
+    LOSSES[name] = cls
     return cls
 
 
@@ -50,8 +57,11 @@ class Loss:
         How per-sample losses combine into `L`.
     """
 
-    #: Output values at which the loss has a kink (RMSE at zero error).
-    kinks: ClassVar[tuple[str, ...]] = ()
+    #: Values of the residual `y - t` at which the derivative of `L` jumps, as
+    #: `Layer.kinks` lists the input values where a layer's does (one
+    #: representation, one rule in `jacobprop.checks.kinks`). RMSE: `(0.0,)`,
+    #: `L` is a scaled norm of the residual, kinked where it is 0.
+    kinks: ClassVar[tuple[float, ...]] = ()
     #: `L` is a (weighted) sum of per-sample losses, so it changes by the sum of
     #: their changes; finite-difference checks batch many perturbations on that.
     separable: ClassVar[bool] = True
@@ -200,7 +210,7 @@ class RMSE(MSE):
     `per_sample` gives the per-sample MSE; `reduce` takes the square root.
     """
 
-    kinks = ("zero error",)
+    kinks = (0.0,)
     separable = False
 
     def _reduce(self, per_sample):

@@ -295,6 +295,10 @@ class Sequential(Layer):
         if mode not in _MODES:
             raise ValueError(f"Sequential.value_and_grad: `mode` must be one of {_MODES}, "
                              f"got {mode!r}")
+        if dense and mode != "jacobian":
+            raise ValueError("Sequential.value_and_grad: `dense=True` materializes the "
+                             f"Jacobian blocks of mode='jacobian'; it has no effect with "
+                             f"mode={mode!r}")
         if not isinstance(loss, Loss):
             raise TypeError(f"Sequential.value_and_grad: `loss` must be a jacobprop Loss, "
                             f"got {type(loss).__name__}")

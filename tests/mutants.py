@@ -16,6 +16,15 @@ mutant, where the bug lives and therefore which checks must catch it:
   (its jvp against its vjp) fails too.
 - "jvp": only `_jvp` is wrong. No gradient uses the jvp, so every gradcheck
   mode and Taylor pass; check_layer's "jvp" entry and dot test catch it.
+- "jacobian": only the Jacobian operators are wrong (vjp and jvp are right).
+  gradcheck with mode="jacobian" catches it, and check_layer's Jacobian
+  entries; the vjp backward and Taylor pass.
+
+Mutants named `Public...` override a *public* method instead of a private
+one (the extension contract: an override is obeyed on every path, so it is
+the override that is checked, never bypassed). `PerSampleCentering` couples
+samples (`y = x - mean_i x_i`) but declares that it does not and returns
+block-diagonal blocks; `Centering` is its correct, coupled counterpart.
 
 `registered_example` gives the correct counterpart, any registered layer with
 inputs on its kinks, which no checker may ever flag.
@@ -23,10 +32,13 @@ inputs on its kinks, which no checker may ever flag.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 import jacobprop as jp
-from jacobprop.jacobian import DiagonalJacobian, GeneralJacobian
+from jacobprop.jacobian import DiagonalJacobian, GeneralJacobian, Jacobian
+from jacobprop.testing import checkable
 
 
 class SignFlipTanh(jp.Tanh):
@@ -132,6 +144,109 @@ class FirstSampleReLU(jp.ReLU):
         return (g * self._derivative(cache) if need_input else None), {}
 
 
+class PublicOnePercentVjpTanh(jp.Tanh):
+    """The public vjp returns 1.01 times the input gradient (issue 7's BadTanh)."""
+
+    def vjp(self, cache, g):
+        gx, grads = super().vjp(cache, g)
+        return 1.01 * gx, grads
+
+
+class PublicDoubledForwardTanh(jp.Tanh):
+    """The public forward doubles the output; the derivatives are tanh's (so wrong)."""
+
+    def forward(self, x):
+        y, cache = super().forward(x)
+        return 2.0 * y, cache
+
+
+class PublicWrongJvpTanh(jp.Tanh):
+    """The public jvp is 1% too large."""
+
+    def jvp(self, cache, v):
+        return 1.01 * super().jvp(cache, v)
+
+
+class PublicWrongJacobianTanh(jp.Tanh):
+    """The public jacobian is 1% too large (vjp and jvp are right)."""
+
+    def jacobian(self, x_or_cache):
+        return 1.01 * super().jacobian(x_or_cache)
+
+
+class PublicWrongParamJacobiansDense(jp.Dense):
+    """The public param_jacobians has dy/dW 1% too large (vjp and jvp are right)."""
+
+    def param_jacobians(self, x_or_cache):
+        jacobians = dict(super().param_jacobians(x_or_cache))
+        jacobians["W"] = 1.01 * jacobians["W"]
+        return jacobians
+
+
+class CenteringCache(NamedTuple):
+    x: np.ndarray
+
+
+class CenteringJacobian(Jacobian):
+    """dy/dx of `y = x - mean_i x_i`: `d y_ir / d x_cj = delta_rj (delta_ic - 1/B)`.
+
+    The first test-only operator that couples samples: `shape` `(B, n, n)`,
+    `to_dense()` `(B, n, B, n)`, vjp and jvp across the batch; it is its own
+    transpose.
+    """
+
+    kind = "centering"
+    couples_samples = True
+
+    def __init__(self, batch: int, n: int, dtype):
+        self.shape = (batch, n, n)
+        self.dtype = np.dtype(dtype)
+
+    def _vjp(self, g):
+        return g - g.mean(axis=0)
+
+    _jvp = _vjp
+
+    def _to_dense(self):
+        batch, n, _ = self.shape
+        eye_b, eye_n = np.eye(batch, dtype=self.dtype), np.eye(n, dtype=self.dtype)
+        return (eye_b - 1.0 / batch)[:, None, :, None] * eye_n[None, :, None, :]
+
+    def _transpose(self):
+        return self
+
+    def _take(self, index):
+        raise NotImplementedError("CenteringJacobian: samples are coupled, no sub-batch")
+
+
+class Centering(jp.Layer):
+    """`y = x - mean_i x_i`: correct, and declares that it couples samples."""
+
+    @property
+    def couples_samples(self):
+        return True
+
+    def _forward(self, x):
+        return x - x.mean(axis=0), CenteringCache(x)
+
+    def _jacobian(self, cache):
+        batch, n = cache.x.shape
+        return CenteringJacobian(batch, n, cache.x.dtype)
+
+
+class PerSampleCentering(Centering):
+    """Centers over the batch but declares no coupling and returns block-diagonal
+    blocks `(1 - 1/B) I` (the cross-sample terms dropped: J, vjp, jvp)."""
+
+    @property
+    def couples_samples(self):
+        return False
+
+    def _jacobian(self, cache):
+        batch, _ = cache.x.shape
+        return DiagonalJacobian(np.full(cache.x.shape, 1.0 - 1.0 / batch, cache.x.dtype))
+
+
 #: mutant class -> (where the bug is, check_layer entries that must fail)
 EXPECTED = {
     SignFlipTanh: ("derivative", {"dy/dx"}),
@@ -144,6 +259,12 @@ EXPECTED = {
     DroppedColumnDense: ("vjp", {"vjp dx", "dot test"}),
     JvpMismatchTanh: ("jvp", {"jvp", "dot test"}),
     FirstSampleReLU: ("derivative", {"dy/dx"}),
+    PublicOnePercentVjpTanh: ("vjp", {"vjp dx", "dot test"}),
+    PublicDoubledForwardTanh: ("derivative", {"dy/dx"}),
+    PublicWrongJvpTanh: ("jvp", {"jvp", "dot test"}),
+    PublicWrongJacobianTanh: ("jacobian", {"dy/dx", "vjp dx", "jvp"}),
+    PublicWrongParamJacobiansDense: ("jacobian", {"dy/dW", "vjp dW"}),
+    PerSampleCentering: ("derivative", {"dy/dx"}),
 }
 
 
@@ -168,7 +289,8 @@ def mutant_layer(mutant_cls, *, rng: np.random.Generator):
 
 
 def registered_example(layer_name: str, width: int, batch: int, *, rng: np.random.Generator):
-    """A registered layer's example, a random input and the same input on its kinks.
+    """A registered layer's example (in eval mode if stochastic), a random input and the
+    same input on its kinks.
 
     Returns `(layer, x, at_kinks)`, both inputs `(batch, layer.input_dim or width)`.
     `at_kinks` puts a whole sample (the first) on the first kink, and every other
@@ -177,7 +299,7 @@ def registered_example(layer_name: str, width: int, batch: int, *, rng: np.rando
     feature. Equal to `x` for a layer without kinks.
     """
     cls = jp.LAYERS[layer_name]
-    layer = cls.example(width, rng=rng)
+    layer = checkable(cls.example(width, rng=rng))
     x = rng.standard_normal((batch, layer.input_dim or width))
     at_kinks = x.copy()
     if cls.kinks:

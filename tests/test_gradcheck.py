@@ -1,4 +1,4 @@
-"""Tests of the finite-difference checkers themselves (`jacobprop.gradcheck`).
+"""Tests of the finite-difference checkers themselves (`jacobprop.checks`).
 
 Every checker must be right where the answer is known, pass on every correct
 layer and loss of the registries (at random inputs and exactly at kinks), and
@@ -8,12 +8,15 @@ test_mutants.py).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 from mutants import registered_example
 
 import jacobprop as jp
-from jacobprop.gradcheck import CENTRAL_STEP, default_rtol
+from jacobprop.checks import CENTRAL_STEP, default_rtol
+from jacobprop.testing import checkable
 
 LAYER_NAMES = sorted(jp.LAYERS)
 LOSS_NAMES = sorted(jp.LOSSES)
@@ -22,7 +25,7 @@ F32 = {"rtol": 1e-3, "atol": 1e-5}
 
 def stack_with(layer_name, *, rng, dtype=np.float64, width=5, n_in=4, n_out=3):
     """`Dense(n_in, width) -> <registered layer> -> Dense(., n_out)` in `dtype`."""
-    middle = jp.LAYERS[layer_name].example(width, rng=rng, dtype=dtype)
+    middle = checkable(jp.LAYERS[layer_name].example(width, rng=rng, dtype=dtype))
     inner = middle.output_dim(width)
     return jp.Sequential(
         jp.Dense(n_in, width, rng=rng, dtype=dtype),
@@ -94,9 +97,9 @@ def test_richardson_is_more_accurate_on_a_smooth_function():
     x = np.linspace(0.3, 2.0, 6).reshape(2, 3)
     exact = np.zeros((2, 3, 3))
     exact[:, np.arange(3), np.arange(3)] = np.cos(x) * np.exp(np.sin(x))
-    plain = np.abs(jp.numerical_jacobian(lambda z: np.exp(np.sin(z)), x, eps=1e-3) - exact).max()
+    plain = np.abs(jp.numerical_jacobian(lambda z: np.exp(np.sin(z)), x, step=1e-3) - exact).max()
     extrapolated = np.abs(
-        jp.numerical_jacobian(lambda z: np.exp(np.sin(z)), x, eps=1e-3, richardson=True) - exact
+        jp.numerical_jacobian(lambda z: np.exp(np.sin(z)), x, step=1e-3, richardson=True) - exact
     ).max()
     assert extrapolated < plain / 100, (plain, extrapolated)
 
@@ -120,8 +123,8 @@ def test_numerical_jacobian_rejects_bad_arguments():
         jp.numerical_jacobian(3, np.ones((2, 2)))
     with pytest.raises(jp.ShapeError, match="numerical_jacobian"):
         jp.numerical_jacobian(lambda z: z.sum(axis=1), np.ones((2, 3)))
-    with pytest.raises(ValueError, match="eps"):
-        jp.numerical_jacobian(np.tanh, np.ones((2, 3)), eps=-1.0)
+    with pytest.raises(ValueError, match="`step` must be"):
+        jp.numerical_jacobian(np.tanh, np.ones((2, 3)), step=-1.0)
 
 
 # ---- dottest ------------------------------------------------------------------------------
@@ -638,3 +641,115 @@ def test_default_tolerances_follow_the_step():
     assert CENTRAL_STEP == pytest.approx(eps ** (1 / 3))
     assert default_rtol(False) == pytest.approx(1e5 * eps ** (2 / 3))
     assert default_rtol(True) == pytest.approx(1e5 * eps ** (4 / 5))
+
+
+# ---- no false alarms: wide magnitudes, exact kinks, saturation (issue 7) -------------------
+REGRESSION_SETS = ("logits N(0, 6^2)", "logits N(0, 30^2)", "exact kinks", "saturated")
+
+
+def regression_cases() -> int:
+    """Cases per (layer, set): 2 per hypothesis example (80 in the CI profile, 24 in dev),
+    so 2,560 drawn cases over the 8 layers and 4 sets in CI."""
+    from hypothesis import settings
+
+    return 2 * settings().max_examples
+
+
+def regression_input(layer_name: str, kind: str, seed: int):
+    """A registered layer's example and an input drawn from `kind`, shapes drawn too."""
+    rng = np.random.default_rng(seed)
+    cls = jp.LAYERS[layer_name]
+    width, batch = int(rng.integers(1, 6)), int(rng.integers(1, 5))
+    layer = checkable(cls.example(width, rng=rng))
+    shape = (batch, layer.input_dim or width)
+    if kind == "logits N(0, 6^2)":
+        x = rng.normal(0.0, 6.0, shape)
+    elif kind == "logits N(0, 30^2)":
+        x = rng.normal(0.0, 30.0, shape)
+    elif kind == "exact kinks":
+        x = rng.standard_normal(shape)
+        x[rng.random(shape) < 0.5] = (cls.kinks or (0.0,))[0]
+    else:  # far into the flat tails of sigmoid, tanh, softmax, softplus
+        x = rng.choice([-1.0, 1.0], shape) * rng.uniform(15.0, 40.0, shape)
+    return layer, x, rng
+
+
+@pytest.mark.parametrize("kind", REGRESSION_SETS)
+@pytest.mark.parametrize("layer_name", LAYER_NAMES)
+def test_no_checker_cries_wolf_on_a_correct_layer(layer_name, kind):
+    """check_layer and assert_layer_correct on every case; gradcheck (full and fast) and
+    the Taylor test on every fourth, through `Identity -> layer -> Dense`."""
+    from jacobprop.testing import assert_layer_correct
+
+    losses = [jp.MSE(), jp.SoftmaxCrossEntropy(), jp.BinaryCrossEntropy()]
+    base = 10_000 * LAYER_NAMES.index(layer_name) + 1_000 * REGRESSION_SETS.index(kind)
+    for case in range(regression_cases()):
+        layer, x, rng = regression_input(layer_name, kind, base + case)
+        report = jp.check_layer(layer, x, rng=rng)
+        assert report.ok, f"seed {base + case}\n{report}"
+        assert_layer_correct(layer, x, rng=rng)
+        if case % 4:
+            continue
+        loss = losses[(case // 4) % len(losses)]
+        net = jp.Sequential(jp.Identity(), layer,
+                            jp.Dense(layer.output_dim(x.shape[1]), 2, rng=rng))
+        t = loss.example_target((x.shape[0], 2), rng=rng)
+        for fast in (False, True):
+            report = jp.gradcheck(net, x, t, loss, rng=rng, fast=fast)
+            assert report.ok, f"seed {base + case}\n{report}"
+        result = jp.taylor_test(net, x, t, loss, rng=rng)
+        assert result.ok, f"seed {base + case}\n{result}"
+
+
+def test_softmax_with_logits_far_apart_passes_check_layer():
+    """Issue 7, defect 1: every entry failed at 1e-11 relative for logits 7 or more apart
+    (the structured product rounds relative to |s| |u|, which |g| |J| does not show)."""
+    x = np.array([[-13.95, -1.31]])
+    for seed in range(20):
+        report = jp.check_layer(jp.Softmax(), x, rng=np.random.default_rng(seed))
+        assert report.ok, str(report)
+
+
+# ---- stochastic layers are refused, not failed at random ----------------------------------
+class CoinFlip(jp.Layer):
+    """Multiplies by a fresh random 0/2 mask in train mode (a test-only dropout)."""
+
+    def __init__(self, *, rng):
+        super().__init__()
+        self.rng = rng
+
+    @property
+    def stochastic(self):
+        return self.training
+
+    def _forward(self, x):
+        mask = 2.0 * (self.rng.random(x.shape) < 0.5) if self.training else np.ones_like(x)
+        return x * mask, CoinCache(x, mask)
+
+    def _jacobian(self, cache):
+        return jp.DiagonalJacobian(cache.mask)
+
+
+class CoinCache(NamedTuple):
+    x: np.ndarray
+    mask: np.ndarray
+
+
+def test_every_checker_refuses_a_stochastic_layer_in_train_mode():
+    from jacobprop.testing import assert_layer_correct
+
+    rng = np.random.default_rng(9)
+    net = jp.Sequential(jp.Dense(3, 4, rng=rng), CoinFlip(rng=rng), jp.Dense(4, 2, rng=rng))
+    x, t = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    message = r"layer 1 \(CoinFlip\) draws a new random mask on every forward pass; call net.eval"
+    with pytest.raises(ValueError, match=message):
+        jp.gradcheck(net, x, t, jp.MSE(), rng=rng)
+    with pytest.raises(ValueError, match=message):
+        jp.taylor_test(net, x, t, jp.MSE(), rng=rng)
+    with pytest.raises(ValueError, match="CoinFlip draws a new random mask"):
+        jp.check_layer(net[1], rng.standard_normal((5, 4)), rng=rng)
+    with pytest.raises(ValueError, match="CoinFlip draws a new random mask"):
+        assert_layer_correct(net[1], rng=rng)
+    net.eval()
+    assert jp.gradcheck(net, x, t, jp.MSE(), rng=rng).ok
+    assert jp.check_layer(net[1], rng.standard_normal((5, 4)), rng=rng).ok

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mutants import EXPECTED, mutant_layer, network_with, registered_example
+from mutants import (
+    EXPECTED,
+    Centering,
+    PerSampleCentering,
+    mutant_layer,
+    network_with,
+    registered_example,
+)
 
 import jacobprop as jp
+from jacobprop.testing import assert_layer_correct
 
 MUTANTS = list(EXPECTED)
 NETWORK_MODES = {
@@ -28,6 +36,8 @@ def catches(kind: str, mode: str) -> bool:
         return False  # no gradient ever calls the jvp
     if kind == "vjp":
         return mode != "jacobian mode"  # the Jacobian backward never calls the vjp
+    if kind == "jacobian":
+        return mode == "jacobian mode"  # the vjp backward never forms a Jacobian
     return True
 
 
@@ -142,3 +152,67 @@ def test_no_correct_registered_layer_is_ever_flagged(layer_name):
                                   rng=rng, **kwargs)
             assert report.ok, str(report)
         assert jp.taylor_test(net, x_net, rng.standard_normal((5, 2)), jp.MSE(), rng=rng).ok
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda cls: cls.__name__)
+def test_assert_layer_correct_catches_every_mutant(mutant):
+    """The testing kit's one call catches every bug of the table, whatever its kind."""
+    rng = np.random.default_rng(5)
+    layer, width = mutant_layer(mutant, rng=rng)
+    with pytest.raises(jp.GradcheckError, match=mutant.__name__):
+        assert_layer_correct(layer, input_dim=width, rng=rng)
+
+
+def test_a_layer_coupling_samples_passes_every_checker_when_it_says_so():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3))
+    assert jp.check_layer(Centering(), x, rng=rng).ok
+    report = jp.check_layer(Centering(), x, rng=rng)
+    assert "samples coupled" in report.title
+    assert report["dy/dx"].size == 4 * 3 * 4 * 3  # the (B, m, B, n) dense Jacobian
+    assert_layer_correct(Centering(), rng=rng)
+    assert_layer_correct(Centering(), x, rng=rng)
+    net = jp.Sequential(jp.Dense(3, 5, rng=rng), Centering(), jp.Tanh(),
+                        jp.Dense(5, 2, rng=rng))
+    assert net.couples_samples
+    t = rng.standard_normal((4, 2))
+    for kwargs in ({}, {"fast": True}, {"richardson": True}):
+        report = jp.gradcheck(net, x, t, jp.MSE(), rng=rng, **kwargs)
+        assert report.ok, str(report)
+    assert jp.taylor_test(net, x, t, jp.MSE(), rng=rng).ok
+
+
+def test_a_coupled_layer_is_differenced_over_the_whole_batch():
+    """The per-sample shortcut (move column j of every sample at once) sums the
+    cross-sample terms; for a coupled network it would be wrong, so it is not used."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 2))
+    report = jp.check_layer(Centering(), x, rng=rng)
+    assert report.evaluations >= 2 * x.size  # one whole-batch pass per entry and side
+    net = jp.Sequential(Centering(), jp.Dense(2, 1, rng=rng))
+    report = jp.gradcheck(net, x, rng.standard_normal((3, 1)), jp.MSE(), rng=rng)
+    assert report.ok and report["x"].passed
+
+
+def test_a_coupled_operator_in_a_layer_declaring_no_coupling_is_caught():
+    class Undeclared(PerSampleCentering):
+        def _jacobian(self, cache):
+            return Centering._jacobian(self, cache)
+
+    rng = np.random.default_rng(8)
+    with pytest.raises(jp.GradcheckError, match="couples samples"):
+        assert_layer_correct(Undeclared(), rng=rng, float32=False)
+
+
+def test_a_coupled_operator_views_the_whole_batch_in_scipy():
+    from mutants import CenteringJacobian
+
+    op = CenteringJacobian(3, 2, np.float64)
+    assert op.couples_samples and not jp.DiagonalJacobian(np.ones((3, 2))).couples_samples
+    dense = op.to_dense().reshape(6, 6)
+    v = np.random.default_rng(12).standard_normal(6)
+    np.testing.assert_allclose(op.to_sparse().toarray(), dense)
+    np.testing.assert_allclose(op.to_scipy().matvec(v), dense @ v, atol=1e-15)
+    np.testing.assert_allclose(op.to_scipy().rmatvec(v), dense.T @ v, atol=1e-15)
+    with pytest.raises(ValueError, match="samples are coupled"):
+        op.to_scipy(sample=0)

@@ -61,7 +61,9 @@ def test_public_api_contract():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("loss_name", sorted(jp.LOSSES))
 def test_both_modes_agree_with_handwritten_backprop(activation, loss_name):
-    rng = np.random.default_rng(hash((activation, loss_name)) % 2**32)
+    # Seeded from the parameters' indices: hash() of strings is salted per process.
+    seed = ACTIVATIONS.index(activation) * len(jp.LOSSES) + sorted(jp.LOSSES).index(loss_name)
+    rng = np.random.default_rng(seed)
     net = build(rng, activation)
     loss = jp.LOSSES[loss_name]()
     x = rng.standard_normal((6, 4))

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jacobprop as jp
-from jacobprop.gradcheck import dottest, gradcheck, numerical_jacobian
+from jacobprop.checks import dottest, gradcheck, numerical_jacobian
 from jacobprop.testing import (
     assert_layer_correct,
     cast_layer,

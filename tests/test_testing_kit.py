@@ -12,6 +12,7 @@ from hypothesis import find, given
 from hypothesis import strategies as st
 
 import jacobprop as jp
+from jacobprop.jacobian import DiagonalJacobian
 from jacobprop.testing import (
     CHECKS,
     DEFAULT_MARGIN,
@@ -194,14 +195,32 @@ def test_hidden_state_layer_passes_when_it_opts_out_of_float32():
     assert_layer_correct(HiddenMatrix(), float32=False)
 
 
-def test_input_at_a_kink_fails_and_says_why():
+@pytest.mark.parametrize("name", ["ReLU", "LeakyReLU"])
+def test_both_checkers_accept_an_input_exactly_at_a_kink(name):
+    # Defect 2 of issue 7: check_layer passed ReLU at x = 0 while assert_layer_correct
+    # failed it ("analytic 0.0, numeric 0.5"); one checker, one kink rule now.
     x = np.array([[0.0, 1.0], [-0.5, 0.25]])
-    with pytest.raises(jp.GradcheckError) as raised:
-        assert_layer_correct(jp.ReLU(), x)
-    message = str(raised.value)
-    assert "'jacobian vs finite differences' failed" in message
-    assert "poor point for finite differences" in message
-    assert "[0, 0] = 0.0 is within" in message
+    layer = jp.LAYERS[name]()
+    assert jp.check_layer(layer, x, rng=np.random.default_rng(0)).ok
+    assert_layer_correct(layer, x)
+
+
+def test_a_wrong_slope_next_to_a_kink_is_still_caught():
+    # The kink rule accepts slopes between the one-sided ones only: a ReLU whose
+    # derivative is 2 on the positive side is caught at a point on the kink too.
+    class SteepReLU(jp.ReLU):
+        def _jacobian(self, cache):
+            return DiagonalJacobian(2.0 * (cache.x > 0))
+
+        def _vjp(self, cache, g, need_input):
+            return g * 2.0 * (cache.x > 0), {}
+
+        def _jvp(self, cache, v):
+            return v * 2.0 * (cache.x > 0)
+
+    x = np.array([[0.0, 1.0], [-0.5, 0.25]])
+    with pytest.raises(jp.GradcheckError, match="'jacobian vs finite differences' failed"):
+        assert_layer_correct(SteepReLU(), x, float32=False)
 
 
 def test_cast_layer_copies_and_casts_every_nested_parameter():

@@ -279,7 +279,7 @@ def gradcheck_group(spec: MLPSpec, *, seed: int = 0, peers=()):
     against numeric); for the Taylor test, how far the observed order of the
     remainder is from 2, relative. A failed check is reported as such.
     """
-    checks = importlib.import_module("jacobprop.gradcheck")
+    checks = importlib.import_module("jacobprop.checks")
     net, x, labels, loss = build_mlp(spec, rng=np.random.default_rng(seed))
 
     def rng():

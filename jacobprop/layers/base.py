@@ -2,8 +2,13 @@
 
 A new layer owes `_forward` and `_jacobian` (and `_param_jacobians` if it has
 parameters); `_vjp` and `_jvp` come from the Jacobian and are overridden only
-to be faster. Public methods validate and delegate to the private ones, which
-`Sequential` calls directly once the network input has been checked.
+to be faster. `_forward` returns `(y, cache)` whose cache carries the input as
+`cache.x`; the first forward pass of each class checks it. Public methods
+validate and delegate to the private ones; internal code (Sequential, the
+checkers, the testing kit) calls `_call_<method>`, bound once per class to the
+private method or to a subclass's public override (`jacobprop.dispatch`).
+Two optional hooks, `_affine_param_change` and `_affine_input_columns`, let
+the finite-difference checkers skip forward passes for affine layers.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..dispatch import resolve_dispatch, standard
+from ..dispatch import is_standard, resolve_dispatch, standard
 from ..errors import check_batch_matrix
 from ..jacobian import Jacobian
 
@@ -72,6 +77,7 @@ class Layer:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         resolve_dispatch(cls)
+        _check_cache_once(cls)
 
     def __init__(self) -> None:
         self.params: dict[str, np.ndarray] = {}
@@ -141,33 +147,45 @@ class Layer:
 
     @standard
     def forward(self, x) -> tuple[np.ndarray, Any]:
-        """`(y, cache)`: the output `(B, m)` and what the backward pass needs."""
-        return self._forward(self._check_input(x))
+        """`(y, cache)`: the output `(B, m)` and what the backward pass needs.
+
+        The cache carries the input as `cache.x` (any object with that
+        attribute; a NamedTuple is usual). The first forward pass of every
+        class checks it, so a layer that forgets `x` fails there, by name.
+        """
+        return self._own_forward(self._check_input(x))
 
     @standard
     def vjp(self, cache, g) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """`(g @ dy/dx, {name: sum_i g_i @ dy_i/dvec(p) reshaped like p})` for `g` `(B, m)`."""
-        g = self._check_cotangent(cache, g)
+        g = self._check_cotangent(self._check_cache(cache, "vjp"), g)
         return self._vjp(cache, g, True)
 
     @standard
     def jvp(self, cache, v) -> np.ndarray:
         """`dy/dx @ v` per sample, `v` `(B, n)` -> `(B, m)`."""
-        x = cache.x
+        x = self._check_cache(cache, "jvp").x
         v = check_batch_matrix(
             v, where=self._where, name="v", features=x.shape[1], batch=x.shape[0]
         )
         return self._jvp(cache, v)
 
     @standard
-    def jacobian(self, cache) -> Jacobian:
-        """dy/dx as a batched structured operator `(B, m, n)`."""
-        return self._jacobian(cache)
+    def jacobian(self, x_or_cache) -> Jacobian:
+        """dy/dx as a batched structured operator `(B, m, n)`.
+
+        Parameters
+        ----------
+        x_or_cache : array_like `(B, n)` or cache
+            The input (the forward pass is run, as `Sequential.jacobian` does)
+            or the cache of a forward pass already run.
+        """
+        return self._jacobian(self._cache_of(x_or_cache, "jacobian"))
 
     @standard
-    def param_jacobians(self, cache) -> dict[str, Jacobian]:
-        """dy/dvec(p) for every parameter p, each `(B, m, p.size)`."""
-        return self._param_jacobians(cache)
+    def param_jacobians(self, x_or_cache) -> dict[str, Jacobian]:
+        """dy/dvec(p) for every parameter p, each `(B, m, p.size)`; input or cache."""
+        return self._param_jacobians(self._cache_of(x_or_cache, "param_jacobians"))
 
     # ---- adapters: how internal paths call a user's public override --------
     def _public_forward(self, x):
@@ -207,10 +225,69 @@ class Layer:
     def _jacobian(self, cache) -> Jacobian:
         raise NotImplementedError(f"{type(self).__name__} must implement _jacobian")
 
+    # ---- hooks for cheap finite differences -------------------------------------
+    def _affine_param_change(self, x: np.ndarray, name: str, coords: np.ndarray,
+                             steps: np.ndarray):
+        """How the output moves when single parameter entries move, if that is cheap to say.
+
+        Parameters
+        ----------
+        x : ndarray `(B, n)`
+            The (float64) input the layer is evaluated at.
+        name : str
+            A key of `params`.
+        coords, steps : ndarray `(G,)`
+            Perturbation g moves `params[name].flat[coords[g]]` by `steps[g]`.
+
+        Returns
+        -------
+        None or (rows, delta)
+            None (this default) means "no shortcut": the checkers evaluate the
+            layer once per perturbation. A layer whose output is affine in
+            every entry of `name`, and whose entry changes exactly one output
+            column, returns `rows` `(G,)` ints and `delta` broadcastable to
+            `(G, B)` such that perturbation g changes `y[:, rows[g]]` by
+            `delta[g]` and leaves every other output as it was (Dense:
+            `W[j, k] + h` moves column j by `h x[:, k]`). The finite-difference
+            checkers then never call the forward pass for these perturbations,
+            so the rule must hold exactly for the layer's own forward.
+        """
+        return None
+
+    def _own_forward_is(self, owner: type[Layer]) -> bool:
+        """Whether this layer's forward pass (public and private) is `owner`'s own."""
+        cls = type(self)
+        return cls._forward is owner._forward and is_standard(cls, "forward")
+
+    def _affine_input_columns(self, cols: np.ndarray):
+        """`M[:, cols].T` `(G, m)` when `y = x @ M.T + c` with one `M` for every x; else None.
+
+        None (this default) means "no shortcut". With columns given, a checker
+        that moves input column `cols[g]` of every sample by `c` updates the
+        output by `c M[:, cols[g]]` instead of calling the forward pass.
+        """
+        return None
+
     # ---- validation ----------------------------------------------------------
     @property
     def _where(self) -> str:
         return type(self).__name__
+
+    def _cache_of(self, x_or_cache, method: str):
+        """The cache for `x_or_cache`: an input array runs the forward pass."""
+        if isinstance(x_or_cache, (np.ndarray, list)):
+            return self._call_forward(self._check_input(x_or_cache))[1]
+        return self._check_cache(x_or_cache, method)
+
+    def _check_cache(self, cache, method: str):
+        x = getattr(cache, "x", None)
+        if not isinstance(x, np.ndarray) or x.ndim != 2:
+            raise TypeError(
+                f"{self._where}.{method}: expected the input x (B, n) or the cache of "
+                f"{self._where}.forward (carrying the input as `cache.x`), got "
+                f"{type(cache).__name__}"
+            )
+        return cache
 
     def _check_input(self, x, where: str | None = None) -> np.ndarray:
         dtype = self.dtype or np.float64
@@ -226,4 +303,33 @@ class Layer:
         )
 
 
+def _first_forward(self, x):
+    """The private forward pass, plus a check of the cache the first time a class runs it."""
+    cls = type(self)
+    y, cache = cls._forward(self, x)
+    x_cached = getattr(cache, "x", None)
+    if not isinstance(x_cached, np.ndarray) or x_cached.shape != np.shape(x):
+        got = ("no attribute `x`" if x_cached is None
+               else f"`cache.x` of shape {np.shape(x_cached)} for an input of shape "
+                    f"{np.shape(x)}")
+        raise TypeError(
+            f"{cls.__name__}._forward must return (y, cache) whose cache carries the input "
+            f"as `cache.x` (e.g. a NamedTuple with a field x: the backward pass and the "
+            f"checkers read it); got a {type(cache).__name__} with {got}"
+        )
+    # Checked once: from now on this class calls its private forward directly.
+    cls._own_forward = cls._forward
+    if cls._call_forward is _first_forward:
+        cls._call_forward = cls._forward
+    return y, cache
+
+
+def _check_cache_once(cls: type[Layer]) -> None:
+    """Route the class's first forward pass through `_first_forward`."""
+    cls._own_forward = _first_forward
+    if cls._call_forward is cls._forward:
+        cls._call_forward = _first_forward
+
+
 resolve_dispatch(Layer)
+_check_cache_once(Layer)

@@ -20,6 +20,7 @@ from .profiles import PROFILES, load_profile, register_profiles
 from .strategies import (
     DEFAULT_MARGIN,
     NoValidInput,
+    checkable,
     draw_input,
     dtypes,
     flatten_layers,
@@ -47,6 +48,7 @@ __all__ = [
     "draw_input",
     "input_problems",
     "flatten_layers",
+    "checkable",
     "kink_distances",
     "DEFAULT_MARGIN",
     "NoValidInput",

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import check_layer
+from ..checks.tolerance import consistency_tolerance, refuse_stochastic
 from ..errors import GradcheckError, check_batch_matrix
-from ..gradcheck import dottest, numerical_jacobian
 from ..layers.base import Layer
 from .strategies import DEFAULT_MARGIN, draw_input, flatten_layers, input_problems
 
@@ -44,17 +45,12 @@ CHECKS = (
     "float32 vs float64",
 )
 
-#: Default relative tolerance against finite differences (float64 central
-#: differences are good to about 1e-9 here; a wrong derivative is off by O(1)).
-FD_RTOL = 1e-6
-#: Relative tolerance between two analytic float64 computations of one quantity.
-EXACT_RTOL = 1e-10
-_EXACT = {"rtol": EXACT_RTOL, "labels": ("got", "expected")}
-#: Tolerance of the float32 copy against float64 on the same rounded values:
-#: relative to the array's scale, plus an absolute floor because derivatives
-#: such as tanh's `1 - y^2` come from outputs of size about 1, whose float32
-#: rounding (~1e-7) can exceed 1e-4 of a tiny derivative.
-FLOAT32_RTOL = 1e-4
+#: The float32 copy against float64 on the same rounded values: rule 2 of the
+#: tolerance policy (`jacobprop.checks.tolerance`) in float32, relative to the
+#: array's scale, plus an absolute floor because derivatives such as tanh's
+#: `1 - y^2` come from outputs of size about 1, whose float32 rounding (~1e-7)
+#: can exceed 1e-4 of a tiny derivative.
+FLOAT32_RTOL = float(consistency_tolerance(np.float32, 1.0, 0.0))
 FLOAT32_FLOOR = 64 * float(np.finfo(np.float32).eps)
 _LOW = {"rtol": FLOAT32_RTOL, "floor": FLOAT32_FLOOR, "labels": ("float32", "float64")}
 
@@ -85,7 +81,7 @@ class _Contract:
     """The layer under test and how to word a failure."""
 
     label: str
-    rtol: float
+    rtol: float | None
     atol: float | None
     x: np.ndarray | None = None
 
@@ -156,11 +152,9 @@ def assert_layer_correct(layer: Layer, x=None, *, rtol: float | None = None,
         The input to check at. When None, three inputs of `batch` samples are
         drawn at scales 0.5, 1 and 2, clear of the kinks and saturated regions
         the layers declare (`Layer.kinks`, `Layer.saturation`).
-    rtol : float, optional
-        Relative tolerance against finite differences (default 1e-6).
-    atol : float, optional
-        Absolute tolerance against finite differences (default
-        `rtol * max|J|`, the scale of the array compared).
+    rtol, atol : float, optional
+        Tolerances against finite differences, passed to `check_layer`
+        (defaults: the policy of `jacobprop.checks.tolerance`).
     float32 : bool
         Also check a float32 copy of the layer (see `cast_layer`) against
         float64. A layer that cannot be cast by converting its `params` opts
@@ -184,23 +178,24 @@ def assert_layer_correct(layer: Layer, x=None, *, rtol: float | None = None,
 
     Notes
     -----
-    Shapes: `x` `(B, n)`, `y` `(B, m)`, `J = dy/dx` `(B, m, n)`, parameter
-    Jacobians `(B, m, p.size)`. Finite differences are central,
-    `(f(x + h e_k) - f(x - h e_k)) / 2h` with `h = eps^(1/3) max(1, |x_k|)`
-    (`jacobprop.gradcheck.numerical_jacobian`), perturbing feature k of every
-    sample at once (valid once batch independence has passed). The dot test
-    is `jacobprop.gradcheck.dottest` on the layer's `jvp` and `vjp` (relative
-    to the sums' terms, 1e3 eps). Other consistency checks between analytic
-    results (vjp, jvp, batch independence) use a relative tolerance of 1e-10;
-    the float32 check 1e-4, both relative to the array's scale (the float32
-    one plus an absolute 64 float32 epsilons).
+    Shapes: `x` `(B, n)`, `y` `(B, m)`, `J = dy/dx` `(B, m, n)` (`(B, m, B, n)`
+    dense for a layer that declares `couples_samples`), parameter Jacobians
+    `(B, m, p.size)`. Built on `jacobprop.check_layer`, which does every
+    derivative comparison (finite differences, vjp and jvp against the
+    Jacobian, the dot tests) with its tolerance policy and its kink rule: the
+    two checkers never disagree. This function adds what only it does: drawn
+    inputs, the forward pass's own contract, batch independence (or, for a
+    layer coupling samples, that its operator declares the coupling and its
+    dense form is `(B, m, B, n)`) and float32 against float64, all under rule
+    2 of the policy (`jacobprop.checks.tolerance`).
     """
     if not isinstance(layer, Layer):
         raise TypeError(
             f"assert_layer_correct: `layer` must be a jacobprop Layer, got {type(layer).__name__}"
         )
+    refuse_stochastic("assert_layer_correct", layer)
     rng = np.random.default_rng(0) if rng is None else rng
-    contract = _Contract(repr(layer), FD_RTOL if rtol is None else rtol, atol)
+    contract = _Contract(repr(layer), rtol, atol)
     reference = cast_layer(layer, _FLOAT64)
     if x is None:
         points = []
@@ -228,75 +223,85 @@ def assert_layer_correct(layer: Layer, x=None, *, rtol: float | None = None,
             _check_float32(contract, layer, point, rng)
 
 
+#: Which check of `CHECKS` a failing `check_layer` entry belongs to.
+def _check_of(entry_name: str) -> str:
+    if entry_name == "dy/dx":
+        return "jacobian vs finite differences"
+    if entry_name.startswith("dy/d"):
+        return "parameter jacobians vs finite differences"
+    if entry_name.startswith("vjp") or entry_name == "J vjp":
+        return "vjp vs jacobian"
+    if entry_name.startswith("jvp") or entry_name == "J jvp":
+        return "jvp vs jacobian"
+    return "dot test"
+
+
+def _axes(entry_name: str, index: tuple) -> tuple:
+    """Names of the axes of a `check_layer` entry, for the failure message."""
+    if entry_name == "dy/dx":
+        return ("sample", "output", "input") if len(index) == 3 else (
+            "sample", "output", "sample", "input")
+    if entry_name.startswith("dy/d"):
+        return ("sample", "output", f"vec({entry_name[4:]})")
+    if entry_name == "vjp dx":
+        return ("sample", "input")
+    if entry_name.startswith("vjp d"):
+        return ("entry",) * len(index)
+    return ("sample", "output")[:len(index)] if len(index) <= 2 else ("entry",) * len(index)
+
+
 def _check_point(contract: _Contract, layer: Layer, x: np.ndarray, rng) -> None:
     batch, n = x.shape
     y, cache = _check_forward(contract, layer, x)
     m = y.shape[1]
-    jac = layer.jacobian(cache)
+    coupled = bool(layer.couples_samples)
+    jac = layer._call_jacobian(cache)
     if tuple(jac.shape) != (batch, m, n):
         contract.fail("jacobian vs finite differences",
                       f"jacobian(cache).shape is {jac.shape}, expected (B, m, n) = "
                       f"{(batch, m, n)}")
-    dense = jac.to_dense()
-    _check_batch_independence(contract, layer, x, y, dense, rng)
-
-    axes = ("sample", "output", "input")
-    contract.compare("jacobian vs finite differences", "dy/dx",
-                     dense, numerical_jacobian(layer, x), axes,
-                     rtol=contract.rtol, atol=contract.atol)
+    dense = np.asarray(jac.to_dense())
+    if coupled:
+        _check_declared_coupling(contract, layer, x, y, jac, dense, rng)
+    else:
+        _check_batch_independence(contract, layer, x, y, jac, dense, rng)
 
     params = layer.params
-    param_ops = layer.param_jacobians(cache)
+    param_ops = layer._call_param_jacobians(cache)
     if set(param_ops) != set(params):
         contract.fail("parameter jacobians vs finite differences",
                       f"param_jacobians returned keys {sorted(param_ops)}, the layer's params "
                       f"are {sorted(params)}")
-    param_dense = {name: op.to_dense() for name, op in param_ops.items()}
-
-    g = rng.standard_normal((batch, m))
-    gx, grads = layer.vjp(cache, g)
-    check = "vjp vs jacobian"
-    expected = np.einsum("bm,bmn->bn", g, dense)
-    contract.compare(check, "vjp(cache, g)[0]", gx, expected, ("sample", "input"), **_EXACT)
-    contract.compare(check, "jacobian(cache).vjp(g)", jac.vjp(g), expected,
-                     ("sample", "input"), **_EXACT)
-    if set(grads) != set(params):
-        contract.fail(check, f"vjp returned parameter gradients {sorted(grads)}, the layer's "
-                             f"params are {sorted(params)}")
-    for name, value in params.items():
-        expected = np.einsum("bm,bmp->p", g, param_dense[name]).reshape(value.shape)
-        contract.compare(check, f"vjp gradient of {name!r} vs g @ dy/dvec({name})",
-                         grads[name], expected, ("entry",) * value.ndim, **_EXACT)
-
-    v = rng.standard_normal((batch, n))
-    check = "jvp vs jacobian"
-    expected = np.einsum("bmn,bn->bm", dense, v)
-    contract.compare(check, "jvp(cache, v)", layer.jvp(cache, v), expected,
-                     ("sample", "output"), **_EXACT)
-    contract.compare(check, "jacobian(cache).jvp(v)", jac.jvp(v), expected,
-                     ("sample", "output"), **_EXACT)
-
-    # The dot test ties jvp and vjp together without trusting the dense Jacobian.
-    try:
-        dottest((lambda u: layer.jvp(cache, u), lambda w: layer.vjp(cache, w)[0]),
-                shape=(batch, m, n), rng=rng, raise_on_fail=True, name="jvp/vjp")
-    except GradcheckError as error:
-        contract.fail("dot test", str(error))
-
     for name, value in params.items():
         if tuple(param_ops[name].shape) != (batch, m, value.size):
             contract.fail("parameter jacobians vs finite differences",
                           f"param_jacobians[{name!r}].shape is {param_ops[name].shape}, "
                           f"expected (B, m, {name}.size) = {(batch, m, value.size)}")
-        contract.compare("parameter jacobians vs finite differences", f"dy/dvec({name})",
-                         param_dense[name], _fd_param_jacobian(layer, x, name),
-                         ("sample", "output", f"vec({name})"),
-                         rtol=contract.rtol, atol=contract.atol)
+    _, grads = layer._call_vjp(cache, np.zeros((batch, m)), True)
+    if set(grads) != set(params):
+        contract.fail("vjp vs jacobian", f"vjp returned parameter gradients {sorted(grads)}, "
+                                         f"the layer's params are {sorted(params)}")
+
+    # Derivatives against finite differences and against each other: check_layer, with
+    # its tolerances and its kink rule (one checker).
+    report = check_layer(layer, x, rtol=contract.rtol, atol=contract.atol, rng=rng)
+    failures = report.failures
+    if failures:
+        first = min(failures, key=lambda e: CHECKS.index(_check_of(e.name)))
+        index = "-" if first.worst_index is None else _where(first.worst_index,
+                                                             _axes(first.name, first.worst_index))
+        differenced = first.check in ("finite differences", "directional")
+        sides = ("analytic", "numeric") if differenced else ("got", "expected")
+        contract.fail(
+            _check_of(first.name),
+            f"{first.name} ({first.check}): worst entry {index}: {sides[0]} "
+            f"{first.analytic!r}, {sides[1]} {first.numeric!r} (max abs err "
+            f"{first.max_abs_error:.3g}, max rel err {first.max_rel_error:.3g})\n{report}")
 
 
 def _check_forward(contract, layer, x):
     before = x.copy()
-    y, cache = layer.forward(x)
+    y, cache = layer._call_forward(layer._check_input(x))
     y = np.asarray(y)
     expected = (x.shape[0], layer.output_dim(x.shape[1]))
     if y.shape != expected:
@@ -309,60 +314,72 @@ def _check_forward(contract, layer, x):
         contract.fail("forward", f"non-finite output y{list(index)} = {y[index]!r}")
     if not np.array_equal(x, before):
         contract.fail("forward", "forward(x) modified its input x in place")
-    again = layer(x)
+    again = layer._call_forward(x)[0]
     if not np.array_equal(again, y):
-        contract.fail("forward", "layer(x) differs from forward(x)[0]: the layer keeps state "
-                                 "between calls")
+        contract.fail("forward", "a second forward(x) differs from the first: the layer "
+                                 "keeps state between calls")
     return y, cache
 
 
-def _check_batch_independence(contract, layer, x, y, dense, rng) -> None:
+def _independence(n: int) -> dict:
+    """Rule 2 for results that only the batch around them changed: rounding of a dot
+    product of length n, relative to the array's scale."""
+    return {"rtol": consistency_tolerance(np.float64, 1.0 + n, 0.0), "labels": ("got", "expected")}
+
+
+def _check_batch_independence(contract, layer, x, y, jac, dense, rng) -> None:
     check = "batch independence"
-    batch = x.shape[0]
+    batch, n = x.shape
+    exact = _independence(n)
+    if jac.couples_samples:
+        contract.fail(check, f"jacobian(cache) is a {type(jac).__name__} that couples samples, "
+                             f"but the layer declares couples_samples=False")
 
     def outputs_and_blocks(points):
-        out, cache = layer.forward(points)
-        return out, layer.jacobian(cache).to_dense()
+        out, cache = layer._call_forward(points)
+        return out, np.asarray(layer._call_jacobian(cache).to_dense())
 
     perm = rng.permutation(batch) if batch > 1 else np.arange(batch)
     out, blocks = outputs_and_blocks(x[perm])
     contract.compare(check, "f(x[perm]) vs f(x)[perm]", out, y[perm], ("sample", "output"),
-                     **_EXACT)
+                     **exact)
     contract.compare(check, "J(x[perm]) vs J(x)[perm]", blocks, dense[perm],
-                     ("sample", "output", "input"), **_EXACT)
+                     ("sample", "output", "input"), **exact)
     for i in range(batch):
         out, blocks = outputs_and_blocks(x[i:i + 1])
         contract.compare(check, f"sample {i} alone vs in the batch: output", out, y[i:i + 1],
-                         ("sample", "output"), **_EXACT)
+                         ("sample", "output"), **exact)
         contract.compare(check, f"sample {i} alone vs in the batch: Jacobian block", blocks,
-                         dense[i:i + 1], ("sample", "output", "input"), **_EXACT)
+                         dense[i:i + 1], ("sample", "output", "input"), **exact)
     # Other samples next to the batch must not move it either.
     others = draw_input(layer, batch + 1, rng=rng, input_dim=x.shape[1], scale=1.0)
     out, blocks = outputs_and_blocks(np.concatenate([x, others]))
     contract.compare(check, "f(x) inside a larger batch vs f(x)", out[:batch], y,
-                     ("sample", "output"), **_EXACT)
+                     ("sample", "output"), **exact)
     contract.compare(check, "J(x) inside a larger batch vs J(x)", blocks[:batch], dense,
-                     ("sample", "output", "input"), **_EXACT)
+                     ("sample", "output", "input"), **exact)
 
 
-def _fd_param_jacobian(layer: Layer, x: np.ndarray, name: str) -> np.ndarray:
-    """Central differences of `layer(x)` in `vec(params[name])`, `(B, m, size)`.
-
-    The parameter is overwritten in place (the layer is the contract's own
-    float64 copy) and restored exactly afterwards.
-    """
-    value = layer.params[name]
-    original = value.copy()
-
-    def outputs(point):
-        value[...] = point
-        return layer(x)
-
-    try:
-        flat = numerical_jacobian(outputs, original, per_sample=False)
-    finally:
-        value[...] = original
-    return flat.reshape(x.shape[0], -1, value.size)
+def _check_declared_coupling(contract, layer, x, y, jac, dense, rng) -> None:
+    """A layer that declares coupled samples: its operator says so, its dense form is
+    `(B, m, B, n)`, and permuting the samples permutes outputs and Jacobian alike."""
+    check = "batch independence"
+    batch, n = x.shape
+    m = y.shape[1]
+    if not jac.couples_samples:
+        contract.fail(check, f"the layer declares couples_samples=True, but jacobian(cache) is a "
+                             f"{type(jac).__name__} with couples_samples=False")
+    if dense.shape != (batch, m, batch, n):
+        contract.fail(check, f"jacobian(cache).to_dense() of a layer coupling samples must be "
+                             f"(B, m, B, n) = {(batch, m, batch, n)}, got {dense.shape}")
+    perm = rng.permutation(batch) if batch > 1 else np.arange(batch)
+    out, cache = layer._call_forward(x[perm])
+    blocks = np.asarray(layer._call_jacobian(cache).to_dense())
+    exact = _independence(batch * n)
+    contract.compare(check, "f(x[perm]) vs f(x)[perm]", out, y[perm], ("sample", "output"),
+                     **exact)
+    contract.compare(check, "J(x[perm]) vs J(x)[perm]", blocks, dense[perm][:, :, perm],
+                     ("sample", "output", "sample", "input"), **exact)
 
 
 def _check_float32(contract: _Contract, layer: Layer, x64: np.ndarray, rng) -> None:
@@ -374,34 +391,34 @@ def _check_float32(contract: _Contract, layer: Layer, x64: np.ndarray, rng) -> N
     high = cast_layer(low, _FLOAT64)
     x32 = x64.astype(_FLOAT32)
     x = x32.astype(_FLOAT64)
-    y32, cache32 = low.forward(x32)
-    y, cache = high.forward(x)
+    y32, cache32 = low._call_forward(x32)
+    y, cache = high._call_forward(x)
     batch, m = y.shape
     g = rng.standard_normal((batch, m))
     v = rng.standard_normal(x.shape)
-    gx32, grads32 = low.vjp(cache32, g.astype(_FLOAT32))
-    gx, grads = high.vjp(cache, g)
-    jac32 = low.jacobian(cache32)
+    gx32, grads32 = low._call_vjp(cache32, g.astype(_FLOAT32), True)
+    gx, grads = high._call_vjp(cache, g, True)
+    jac32 = low._call_jacobian(cache32)
     dense32 = jac32.to_dense()
     params32 = low.params
     produced = {
         "forward output": np.asarray(y32).dtype,
         "vjp input gradient": np.asarray(gx32).dtype,
-        "jvp": np.asarray(low.jvp(cache32, v.astype(_FLOAT32))).dtype,
+        "jvp": np.asarray(low._call_jvp(cache32, v.astype(_FLOAT32))).dtype,
         "jacobian(cache).dtype": np.dtype(jac32.dtype),
         "jacobian(cache).to_dense()": dense32.dtype,
     }
     produced.update({f"vjp gradient of {name!r}": np.asarray(grads32[name]).dtype
                      for name in params32})
     produced.update({f"param_jacobians[{name!r}].to_dense()": op.to_dense().dtype
-                     for name, op in low.param_jacobians(cache32).items()})
+                     for name, op in low._call_param_jacobians(cache32).items()})
     for what, dtype in produced.items():
         if dtype != _FLOAT32:
             contract.fail(check, f"with float32 parameters and input, {what} is {dtype}, "
                                  f"expected float32 (a layer keeping arrays outside `params` "
                                  f"can opt out with float32=False)")
     contract.compare(check, "forward output", y32, y, ("sample", "output"), **_LOW)
-    contract.compare(check, "dy/dx", dense32, high.jacobian(cache).to_dense(),
+    contract.compare(check, "dy/dx", dense32, high._call_jacobian(cache).to_dense(),
                      ("sample", "output", "input"), **_LOW)
     contract.compare(check, "vjp input gradient", gx32, gx, ("sample", "input"), **_LOW)
     for name, value in params32.items():

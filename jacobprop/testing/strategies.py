@@ -36,6 +36,7 @@ __all__ = [
     "NoValidInput",
     "LayerInputs",
     "flatten_layers",
+    "checkable",
     "kink_distances",
     "input_problems",
     "draw_input",
@@ -122,16 +123,16 @@ def kink_distances(layer: Layer, x: np.ndarray) -> list[LayerInputs]:
                 distance = np.full(z.shape, np.inf)
             gain = np.ones(z.shape) if position == 0 else _gains(leaves[:position], x)
             found.append(LayerInputs(position, leaf, z, distance, gain))
-        z = leaf(z)
+        z = leaf._call_forward(leaf._check_input(z))[0]
     return found
 
 
 def _gains(prefix: list[Layer], x: np.ndarray) -> np.ndarray:
     """`(B, w)`: the largest |derivative| of each prefix output in x and the prefix params."""
     net = Sequential(*prefix)
-    _, cache = net.forward(x)
-    gain = np.abs(net.jacobian(cache).to_dense()).max(axis=2, initial=0.0)
-    for op in net.param_jacobians(cache).values():
+    _, cache = net._call_forward(net._check_input(x))
+    gain = np.abs(net._call_jacobian(cache).to_dense()).max(axis=2, initial=0.0)
+    for op in net._call_param_jacobians(cache).values():
         np.maximum(gain, np.abs(op.to_dense()).max(axis=2, initial=0.0), out=gain)
     return gain
 
@@ -263,7 +264,7 @@ def _chosen(where: str, registry: dict, names) -> list[str]:
 @st.composite
 def layers(draw, input_dim: int | None = None, *, names=None, dtype=np.float64,
            max_dim: int = 5) -> Layer:
-    """A registered layer built with `Layer.example`.
+    """A registered layer built with `Layer.example` (stochastic ones in eval mode).
 
     Parameters
     ----------
@@ -279,7 +280,20 @@ def layers(draw, input_dim: int | None = None, *, names=None, dtype=np.float64,
     name = draw(st.sampled_from(_chosen("layers", LAYERS, names)))
     width = input_dim if input_dim is not None else draw(st.integers(1, max_dim))
     rng = np.random.default_rng(draw(seeds()))
-    return LAYERS[name].example(width, rng=rng, dtype=dtype)
+    return checkable(LAYERS[name].example(width, rng=rng, dtype=dtype))
+
+
+def checkable(layer: Layer) -> Layer:
+    """`layer`, switched to eval mode when its forward pass draws random numbers.
+
+    The checkers refuse a stochastic layer (a new mask per evaluation makes
+    every difference quotient meaningless); in eval mode Dropout is the
+    identity and checkable. Every layer the strategies draw goes through this.
+    """
+    for leaf in flatten_layers(layer):
+        if leaf.stochastic:
+            leaf.training = False
+    return layer
 
 
 @st.composite
@@ -313,7 +327,7 @@ def sequentials(draw, min_depth: int = 1, max_depth: int = 4, widths=(1, 5), *,
     stack = []
     for _ in range(depth):
         layer = LAYERS[draw(st.sampled_from(chosen))].example(width, rng=rng, dtype=dtype)
-        stack.append(layer)
+        stack.append(checkable(layer))
         width = layer.output_dim(width)
     if nested and depth >= 2 and draw(st.booleans()):
         start = draw(st.integers(0, depth - 2))

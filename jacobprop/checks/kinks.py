@@ -1,0 +1,216 @@
+"""The kink rule, for layers and losses alike: where a derivative jumps, any slope
+between the one-sided ones is right.
+
+A layer's `kinks` are input values, a loss's are values of the residual `y - t`
+(one representation, `Layer.kinks` / `Loss.kinks`, floats); everything that
+reads them is here: the reach masks, the interval chain rule, the judgement.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .tolerance import _SPLIT_BUDGET, CENTRAL_STEP
+
+
+def _crossed(z: np.ndarray, z0: np.ndarray, kinks: tuple) -> np.ndarray:
+    """Mask of the elements of `z` (G, B, w) that moved from `z0` (B, w) onto or across a kink."""
+    hit = np.zeros(z.shape, dtype=bool)
+    for kink in kinks:
+        # sign(z - k) sign(z0 - k) <= 0, without taking the sign of the large array.
+        hit |= (z - kink) * np.sign(z0 - kink) <= 0
+    return hit & (z != z0)
+
+
+
+def _kink_interval(ev, losses, start, plus, minus, h, budget):
+    """`(lo, hi, magnitude)` bounding every derivative a kink convention can give, or None.
+
+    `plus`, `minus` (B, w) are the inputs of leaf `start` at `t = +h` and `-h`
+    along the perturbation. At the first kinked elementwise leaf they reach,
+    `dL/dt` is split by the chain rule into the part through the elements
+    that stay on their side (their one-sided slopes, or a deeper split) and,
+    for every element c that reaches a kink, the product of three intervals:
+    the rate `dz_c/dt` on either side of `t = 0`, the activation's one-sided
+    slopes at `z_c`, and the one-sided derivatives `dL/da_c` of the rest of
+    the network with respect to the element's output (split again when they
+    reach a kink deeper down). Any choice of slope inside `[left, right]` at
+    every kink element gives a value inside the sum of these intervals.
+    `budget` (a one-element list) caps the evaluations spent.
+    """
+    found = ev.first_crossing(start, plus, minus)
+    if found is None:
+        return None
+    index, zp, zm, crossed = found
+    work = ev.leaves[index].work
+    elements = np.argwhere(crossed)
+    count = len(elements)
+    if not work.elementwise or 2 + 4 * count > budget[0]:
+        return None
+    budget[0] -= 2 + 4 * count
+    z0, a0 = ev.acts[index], ev.acts[index + 1]
+    batch = z0.shape[0]
+    sample, feature = elements.T
+    pick = np.arange(count)
+
+    # The elements that stay on their side of every kink move together.
+    smooth = np.stack([z0 + np.where(crossed, 0.0, zp - z0), z0 + np.where(crossed, 0.0, zm - z0)])
+    y, deeper = ev.run(index, smooth)
+    d = losses.diffs(losses.per_sample(y))
+    lo, hi = min(d[0] / h, -d[1] / h), max(d[0] / h, -d[1] / h)
+    magnitude = abs(d[0] / h) + abs(d[1] / h)
+    if deeper.any():
+        inner = _kink_interval(ev, losses, index, smooth[0], smooth[1], h, budget)
+        if inner is not None:
+            lo, hi, magnitude = inner
+
+    # dz_c/dt on both sides of t = 0.
+    rates = np.stack([(zp - z0)[sample, feature] / h, -(zm - z0)[sample, feature] / h])
+    # The activation's one-sided slopes at z_c, over the perturbation's reach.
+    reach = np.maximum(np.abs(zp - z0), np.abs(zm - z0))[sample, feature]
+    rows = np.repeat(z0[None], 2 * count, axis=0)
+    rows[pick, sample, feature] += reach
+    rows[count + pick, sample, feature] -= reach
+    out = work._call_forward(rows.reshape(2 * count * batch, -1))[0].reshape(2 * count, batch, -1)
+    base = a0[sample, feature]
+    slopes = np.stack([(out[pick, sample, feature] - base) / reach,
+                       (base - out[count + pick, sample, feature]) / reach])
+    # dL/da_c, one-sided, through the rest of the network.
+    eps = CENTRAL_STEP * np.maximum(1.0, np.abs(base))
+    rows = np.repeat(a0[None], 2 * count, axis=0)
+    rows[pick, sample, feature] += eps
+    rows[count + pick, sample, feature] -= eps
+    y, deeper = ev.run(index + 1, rows)
+    d = losses.diffs(losses.per_sample(y))
+    downstream = np.stack([d[:count] / eps, -d[count:] / eps])
+    down_lo, down_hi = downstream.min(axis=0), downstream.max(axis=0)
+    for c in np.flatnonzero(deeper[:count].any(axis=1) | deeper[count:].any(axis=1)):
+        inner = _kink_interval(ev, losses, index + 1, rows[c], rows[count + c], eps[c], budget)
+        if inner is not None:
+            down_lo[c], down_hi[c] = inner[0], inner[1]
+    # The product of three intervals is extreme at one of its eight vertices.
+    vertices = np.stack([r * s * g for r in rates for s in slopes for g in (down_lo, down_hi)])
+    lo += vertices.min(axis=0).sum()
+    hi += vertices.max(axis=0).sum()
+    magnitude += np.abs(vertices).max(axis=0).sum()
+    return lo, hi, magnitude
+
+
+def _coordinate_points(ev, index, name, coord, h):
+    """`(start, plus, minus)`: the inputs (B, w) of leaf `start` with entry `coord` of the
+    flat input (`index` None) or of the flat parameter moved by `+h` and `-h`."""
+    if index is None:
+        plus, minus = ev.point(None, None).copy(), ev.point(None, None).copy()
+        plus.reshape(-1)[coord] += h
+        minus.reshape(-1)[coord] -= h
+        return 0, plus, minus
+    plus = ev.param_outputs(index, name, np.array([coord]), np.array([h]))[0]
+    minus = ev.param_outputs(index, name, np.array([coord]), np.array([-h]))[0]
+    return index + 1, plus, minus
+
+
+class _Output:
+    """Output `y[sample, row]` in the role of the loss, for the kink split of a Jacobian entry."""
+
+    def __init__(self, y0: np.ndarray, sample: int, row: int):
+        self.sample, self.row, self.base = sample, row, y0[sample, row]
+
+    def per_sample(self, y: np.ndarray) -> np.ndarray:
+        return y[:, self.sample, self.row]
+
+    def diffs(self, values: np.ndarray) -> np.ndarray:
+        return values - self.base
+
+
+def _jacobian_split(ev, y0, index, name, h, shape):
+    """`split(coord, budget)` for entry `(i, r, j)` of a Jacobian `shape` (B, m, k), of the
+    input (`index` None, steps `h` (B, n)) or of a parameter (steps `h` (k,))."""
+
+    def split(coord, budget):
+        sample, row, col = (int(i) for i in np.unravel_index(coord, shape))
+        if index is None:
+            coord, step = sample * shape[2] + col, h[sample, col]
+        else:
+            coord, step = col, h[col]
+        start, plus, minus = _coordinate_points(ev, index, name, coord, step)
+        return _kink_interval(ev, _Output(y0, sample, row), start, plus, minus, step, budget)
+
+    return split
+
+
+def _direction_split(ev, y0, points, step):
+    """`split(coord, budget)` for entry `(j, i, r)` of directional derivatives along the
+    directions whose `(start, plus, minus)` are `points[j]`."""
+
+    def split(coord, budget):
+        j, sample, row = (int(i) for i in np.unravel_index(coord, (len(points), *y0.shape)))
+        start, plus, minus = points[j]
+        return _kink_interval(ev, _Output(y0, sample, row), start, plus, minus, step, budget)
+
+    return split
+
+
+def _judge(a, diff, tol, slack_unit, floor, losses=None, split=None):
+    """`(passed, accepted_at_kink, evaluations)` per entry (flat arrays)."""
+    numeric = diff.numeric.reshape(-1)
+    fwd, bwd = diff.forward.reshape(-1), diff.backward.reshape(-1)
+    reach = diff.reach.reshape(-1).copy()
+    passed = np.abs(a - numeric) <= tol
+    slack = tol + slack_unit * (np.abs(fwd) + np.abs(bwd) + floor)
+    inside = (a >= np.minimum(fwd, bwd) - slack) & (a <= np.maximum(fwd, bwd) + slack)
+    if losses is not None:
+        dplus, dminus = diff.dplus.reshape(-1), diff.dminus.reshape(-1)
+        loss_reach = loss_kink_reach(losses, dplus, dminus, fwd, bwd, tol)
+        reach |= loss_reach
+        steps = np.broadcast_to(diff.steps, diff.numeric.shape).reshape(-1)
+        inside |= loss_reach & (np.abs(a) <= loss_norm_slope(losses, dplus, dminus, steps) + slack)
+    accepted = ~passed & reach & inside
+    evaluations = 0
+    if split is not None:
+        layer_reach = diff.reach.reshape(-1)
+        for coord in np.flatnonzero(~passed & ~accepted & layer_reach):
+            budget = [_SPLIT_BUDGET]
+            interval = split(coord, budget)
+            evaluations += _SPLIT_BUDGET - budget[0]
+            if interval is None:
+                continue
+            lo, hi, magnitude = interval
+            margin = tol[coord] + slack_unit * (magnitude + floor)
+            if lo - margin <= a[coord] <= hi + margin:
+                accepted[coord] = True
+    return passed | accepted, accepted, evaluations
+
+
+# ---- the same rule for a loss: its kinks are values of the residual y - t ----------------
+def loss_norm_slope(losses, dplus, dminus, h) -> np.ndarray:
+    """For the kink at residual 0, the largest slope of `L` along each step.
+
+    There `L = k |e|` is a scaled norm of the error, whose slopes at `e = 0`
+    fill `[-k |v|, k |v|]` along `e = t v`; and `k^2 |v|^2` is the second
+    difference of `L^2`, `(L(h)^2 + L(-h)^2 - 2 L(0)^2) / (2 h^2)`, even when
+    rounding has left the float64 copy a hair off the kink.
+    """
+    if 0.0 not in type(losses.loss).kinks:
+        return np.zeros(np.shape(dplus))
+    plus, minus = losses.value + dplus, losses.value + dminus
+    curvature = (plus ** 2 + minus ** 2 - 2 * losses.value ** 2) / 2
+    return np.sqrt(np.maximum(curvature, 0.0)) / h
+
+def loss_kink_reach(losses, dplus, dminus, fwd, bwd, tol) -> np.ndarray:
+    """Entries whose perturbation reaches one of the loss's kinks (residual values)."""
+    reach = np.zeros(np.shape(dplus), dtype=bool)
+    for kink in type(losses.loss).kinks:
+        if kink == 0.0:
+            reach |= abs(losses.value) <= np.maximum(
+                np.maximum(np.abs(dplus), np.abs(dminus)), losses.kink_floor)
+        else:  # a kink we cannot locate: within reach wherever the slopes jump
+            reach |= np.abs(fwd - bwd) > tol
+    return reach
+
+
+
+
+def loss_near_kink(losses, change: float) -> bool:
+    """The Taylor test's form of `loss_kink_reach`: one step changed `L` by `change`."""
+    return bool(type(losses.loss).kinks) and abs(losses.value) <= max(abs(change),
+                                                                      losses.kink_floor)
