@@ -9,6 +9,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .derivatives import ggn, hessian, ntk
 from .errors import GradcheckError, ShapeError
 from .gradcheck import (
     CheckEntry,
@@ -82,6 +83,9 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "BinaryCrossEntropy",
     "Sequential",
+    "ntk",
+    "ggn",
+    "hessian",
     "gradcheck",
     "check_layer",
     "numerical_jacobian",

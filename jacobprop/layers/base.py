@@ -207,6 +207,38 @@ class Layer:
     def _jacobian(self, cache) -> Jacobian:
         raise NotImplementedError(f"{type(self).__name__} must implement _jacobian")
 
+    # ---- hooks for curvature (jacobprop.derivatives) --------------------------
+    def _param_jvp(self, cache, tangents: dict[str, np.ndarray]) -> np.ndarray | None:
+        """`sum_p dy/dvec(p) vec(tangents[p])` `(B, m)`: how y moves with the parameters.
+
+        `tangents` maps each parameter name to an array of its shape (the same
+        direction for every sample). None for a parameter-free layer. This
+        default goes through the parameter Jacobians; layers override it with
+        the direct formula (Dense: `x @ dW^T + db`).
+        """
+        total = None
+        for name, op in self._call_param_jacobians(cache).items():
+            direction = np.reshape(tangents[name], -1)
+            moved = op._call_jvp(np.broadcast_to(direction, (op.batch_size, direction.size)))
+            total = moved if total is None else total + moved
+        return total
+
+    def _second_vjp(self, cache, g, v, tangents):
+        """The second-derivative term of the R-operator (exact Hessian products).
+
+        With `g` `(B, m)` the covector at this layer's output, `v` `(B, n)` the
+        tangent of its input (None means zero) and `tangents` the parameter
+        direction (name -> array of the parameter's shape), return
+        `(d/de [g @ dy/dx](x + e v, p + e t), {name: d/de [sum_i g_i dy_i/dp]})`
+        with `g` held fixed: the part of the differentiated vjp that is not
+        the vjp of a new covector. `None` / missing keys mean zero. A layer
+        without it cannot take part in `jp.hessian` (the GGN does not need it).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not state its second derivative (`_second_vjp`), "
+            "which exact Hessian products need; jp.ggn works without it"
+        )
+
     # ---- validation ----------------------------------------------------------
     @property
     def _where(self) -> str:

@@ -106,6 +106,19 @@ class Dense(Layer):
     def _jacobian(self, cache):
         return SharedJacobian(self.params["W"], cache.x.shape[0])
 
+    def _param_jvp(self, cache, tangents):
+        # dy = x dW^T + db
+        moved = cache.x @ tangents["W"].T
+        if self.bias:
+            moved += tangents["b"]
+        return moved
+
+    def _second_vjp(self, cache, g, v, tangents):
+        # The vjp is bilinear: g W (input) and g^T x (weight); its derivative
+        # with g fixed is g dW and g^T v. The bias gradient sum_i g_i is constant.
+        own = {} if v is None else {"W": g.T @ v}
+        return g @ tangents["W"], own
+
     def _param_jacobians(self, cache):
         batch = cache.x.shape[0]
         identity = IdentityJacobian(batch, self.out_features, self.params["W"].dtype)
