@@ -44,7 +44,7 @@ from .jacobian import (
     _TransposedJacobian,
 )
 from .losses import Loss
-from .plan import ChainPlan, _plan_items, cache_bytes
+from .plan import ChainPlan, _plan_items
 
 __all__ = [
     "ParamJacobian",
@@ -373,9 +373,9 @@ def _add_factor_gram(kernel, left1, left2, weight, trace, same):
 def jacobian_in_pieces(net, x, order: str, max_bytes: int) -> GeneralJacobian:
     """`net.jacobian(x, order)` computed over slices of the batch within `max_bytes`.
 
-    The piece size is the largest whose predicted peak (the forward cache of
-    the piece, the layer operators, the intermediates the plan keeps alive and
-    the assembled `(B, m, n)` result) stays within the bound. The result is
+    The piece size is the largest whose predicted peak (the activations of
+    the piece's forward pass, the layer operators, the intermediates the plan
+    keeps alive and the assembled `(B, m, n)` result) stays within the bound. The result is
     dense, `(B, m, n)`, equal to the unpieced one; it carries the plan.
     """
     where = "Sequential.jacobian"
@@ -393,12 +393,11 @@ def jacobian_in_pieces(net, x, order: str, max_bytes: int) -> GeneralJacobian:
     items = tuple((type(op), tuple(op.shape)) for op in ops)
     m, n = ops[0].out_dim, ops[-1].in_dim
     result_bytes = batch * m * n * itemsize
-    per_sample_cache = cache_bytes(probe)
 
     def predicted(piece):
         scaled = tuple((cls, (piece, *shape[1:])) for cls, shape in items)
-        plan = _plan_items(scaled, order, itemsize)
-        return plan, plan.peak_bytes + piece * per_sample_cache + result_bytes
+        plan = _plan_items(scaled, order, itemsize, True)
+        return plan, plan.peak_bytes + result_bytes
 
     plan, peak = predicted(1)
     if peak > max_bytes:

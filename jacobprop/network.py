@@ -22,7 +22,7 @@ from .errors import ShapeError, check_batch_matrix
 from .jacobian import GeneralJacobian, Jacobian, _compose
 from .layers.base import Layer
 from .losses import Loss
-from .plan import cache_bytes, multiply_chain, plan_chain
+from .plan import _multiply_planned, plan_chain
 
 __all__ = ["Sequential", "SequentialCache"]
 
@@ -200,11 +200,9 @@ class Sequential(Layer):
 
     def _jacobian(self, cache, order="auto"):
         ops = self._jacobian_ops(cache)
-        plan = plan_chain(ops, order)
-        # The plan is cached per structures and shapes; the forward cache it
-        # runs beside is this call's own, so its bytes are added here.
-        plan = plan._replace(peak_bytes=plan.peak_bytes + cache_bytes(cache))
-        return multiply_chain(ops, order, plan=plan)
+        # Planned once per structures and shapes (cached); the layers' own
+        # operators compose by construction, so no shape checks per product.
+        return _multiply_planned(ops, plan_chain(ops, order, forward=True))
 
     def _jacobian_ops(self, cache) -> list[Jacobian]:
         """The layers' dy/dx operators, output side first (`J_L, ..., J_1`)."""

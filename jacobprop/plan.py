@@ -25,7 +25,7 @@ import numpy as np
 from .jacobian import GeneralJacobian, Jacobian, _check_composable, _compose
 
 __all__ = ["ChainPlan", "plan_chain", "chain_cost", "multiply_chain", "product_estimate",
-           "cache_bytes", "ORDERS"]
+           "ORDERS"]
 
 ORDERS = ("auto", "forward", "reverse")
 
@@ -110,7 +110,8 @@ def _items(ops) -> tuple:
     return tuple((type(op), tuple(op.shape)) for op in ops)
 
 
-def plan_chain(ops: list[Jacobian], order: str = "auto") -> ChainPlan:
+def plan_chain(ops: list[Jacobian], order: str = "auto", *,
+               forward: bool = False) -> ChainPlan:
     """The plan for `ops[0] @ ops[1] @ ... @ ops[-1]` (cached by classes and shapes).
 
     Parameters
@@ -121,17 +122,21 @@ def plan_chain(ops: list[Jacobian], order: str = "auto") -> ChainPlan:
         "reverse" multiplies left to right (starting from the outputs),
         "forward" right to left (from the inputs), "auto" picks the cheapest
         parenthesization by dynamic programming over the chain.
+    forward : bool
+        `ops` are a network's layer Jacobians: count in the peak the
+        activations its forward pass keeps, predicted from the shapes as one
+        `(B, width)` array per layer input plus the output.
     """
     if order not in ORDERS:
         raise ValueError(f"plan_chain: `order` must be one of {ORDERS}, got {order!r}")
     if not ops:
         raise ValueError("plan_chain: need at least one operator")
     itemsize = max(np.dtype(op.dtype).itemsize for op in ops)
-    return _plan_items(_items(ops), order, itemsize)
+    return _plan_items(_items(ops), order, itemsize, forward)
 
 
 @lru_cache(maxsize=512)
-def _plan_items(items: tuple, order: str, itemsize: int) -> ChainPlan:
+def _plan_items(items: tuple, order: str, itemsize: int, forward: bool = False) -> ChainPlan:
     if order == "auto":
         flops, tree = _best_tree(items)
     else:
@@ -139,6 +144,8 @@ def _plan_items(items: tuple, order: str, itemsize: int) -> ChainPlan:
     _, peak = _peak_items(tree, items)
     stored = sum(cls._stored_items(shape) for cls, shape in items)
     batch = items[0][1][0]
+    if forward:
+        stored += batch * (items[0][1][1] + sum(shape[2] for _, shape in items))
     return ChainPlan(order, _tree_name(tree, len(items)), tree, flops,
                      (stored + peak) * itemsize, batch, batch)
 
@@ -245,6 +252,11 @@ def multiply_chain(ops: list[Jacobian], order: str = "auto", *,
         _check_composable(left, right)
     if plan is None:
         plan = plan_chain(ops, order)
+    return _multiply_planned(ops, plan)
+
+
+def _multiply_planned(ops: list[Jacobian], plan: ChainPlan) -> Jacobian:
+    """`multiply_chain` for operators known to compose (a network's own layers)."""
     result = _evaluate(plan.tree, ops)
     if len(ops) == 1:
         # Never label the caller's own operator with a plan: hand back a view.
@@ -258,21 +270,3 @@ def _evaluate(node, ops):
         return ops[node]
     return _compose(_evaluate(node[0], ops), _evaluate(node[1], ops))
 
-
-def _array_bytes(value, seen) -> int:
-    if isinstance(value, np.ndarray):
-        base = value
-        while isinstance(base.base, np.ndarray):
-            base = base.base
-        if id(base) in seen:
-            return 0
-        seen.add(id(base))
-        return base.nbytes
-    if isinstance(value, tuple):
-        return sum(_array_bytes(item, seen) for item in value)
-    return 0
-
-
-def cache_bytes(cache) -> int:
-    """Bytes of the distinct arrays a forward cache holds (each buffer counted once)."""
-    return _array_bytes(cache, set())

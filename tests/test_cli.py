@@ -145,7 +145,8 @@ def test_jacobian_workload_reports_costs_and_matches_finite_differences(tmp_path
         assert row["deviation"] < 1e-6
         assert costs[order] == net.jacobian_cost(x, order)
         assert row["extra"]["cost_estimate"] == costs[order]
-    assert rows["forward"]["ratio"] == 1.0
+    assert rows["auto"]["ratio"] == 1.0
+    assert doc["groups"][0]["extra"]["plan"].startswith("order=auto -> ")
 
 
 def test_plain_bench_is_the_default_suite():

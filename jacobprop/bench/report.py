@@ -93,6 +93,8 @@ def format_table(doc: dict) -> str:
         if "cost_estimate" in extra:
             costs = ", ".join(f"{k} {v:.3g}" for k, v in extra["cost_estimate"].items())
             title += f"\n  engine cost estimate (flop): {costs}"
+        if "plan" in extra:
+            title += f"\n  plan: {extra['plan']}"
         table = [_COLUMNS]
         notes = []
         flag = DEVIATION_FLAG[group["config"]["dtype"]]
