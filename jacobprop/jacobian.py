@@ -374,13 +374,13 @@ class SharedJacobian(Jacobian):
         # One GEMM over the flattened batch beats numpy's loop of B small ones.
         batch, n, k = right.shape
         flat = right.swapaxes(1, 2).reshape(batch * k, n) @ self.matrix.T
-        return flat.reshape(batch, k, -1).swapaxes(1, 2)
+        return flat.reshape(batch, k, self.out_dim).swapaxes(1, 2)
 
     def _rapply(self, left):
         if left.ndim == 2:
             return left @ self.matrix
         batch, k, m = left.shape
-        return (left.reshape(batch * k, m) @ self.matrix).reshape(batch, k, -1)
+        return (left.reshape(batch * k, m) @ self.matrix).reshape(batch, k, self.in_dim)
 
     def _matmul(self, other):
         if isinstance(other, SharedJacobian):
