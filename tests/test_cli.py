@@ -170,7 +170,8 @@ def test_common_options_count_before_and_after_the_workload_name():
 
 
 def test_targets_suite_holds_every_target_configuration():
-    groups = [(w, s) for w, s, _ in suites.SUITES["targets"].groups]
+    groups = [(w, s) for suite in ("targets", "jacobians")
+              for w, s, _ in suites.SUITES[suite].groups]
     for target in suites.TARGETS:
         assert (target.workload, target.spec) in groups, target.name
     assert suites.GRADCHECK_TARGET.n_params == 6922

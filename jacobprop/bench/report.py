@@ -124,6 +124,7 @@ def format_table(doc: dict) -> str:
                 _bytes(row["peak_memory_bytes"]),
                 dev_text,
             ))
+        notes.extend(_fastest_peer_note(group, rows_by_group.get(group["index"], [])))
         widths = [max(len(str(line[i])) for line in table) for i in range(len(_COLUMNS))]
         rendered = [
             "  " + "  ".join(str(cell).rjust(w) if i else str(cell).ljust(w)
@@ -132,6 +133,18 @@ def format_table(doc: dict) -> str:
         ]
         blocks.append("\n".join([title] + rendered + notes))
     return "\n\n".join(blocks)
+
+
+def _fastest_peer_note(group: dict, rows: list) -> list[str]:
+    """`baseline / fastest peer (name): ratio`, when a peer row and the baseline ran."""
+    medians = {row["path"]: row["median_s"] for row in rows if row["status"] == "ok"}
+    peers = {row["path"]: row["median_s"] for row in rows
+             if row["status"] == "ok" and row["peer"] is not None}
+    base = medians.get(group["baseline"])
+    if not peers or not base:
+        return []
+    name = min(peers, key=peers.get)
+    return [f"  {group['baseline']} / fastest peer ({name}): {base / peers[name]:.2f}"]
 
 
 def format_targets(doc: dict) -> str:
