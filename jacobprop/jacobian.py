@@ -420,6 +420,12 @@ class SharedJacobian(Jacobian):
         return NotImplemented
 
     @classmethod
+    def _apply_cost(cls, shape, k):
+        # the GEMM, plus the copy that lays the stack out for it (see `_apply`)
+        batch, m, n = shape
+        return batch * m * n * k + batch * n * k
+
+    @classmethod
     def _stored_items(cls, shape):
         return shape[1] * shape[2]
 
