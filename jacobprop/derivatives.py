@@ -68,13 +68,19 @@ class _Leaf(NamedTuple):
 def _leaves(net, cache, prefix: str = "") -> list[_Leaf]:
     """The non-Sequential layers of `net` in order, with their caches and full keys."""
     leaves = []
+    # The stack's own key table when it is the outermost one (formatted once, in
+    # Sequential.__init__); nested stacks prefix their keys with their index.
+    own_keys = net._keys if not prefix else None
     for index, (layer, layer_cache) in enumerate(zip(net.layers, cache.caches, strict=True)):
         if hasattr(layer_cache, "caches") and hasattr(layer, "layers"):
-            leaves.extend(_leaves(layer, layer_cache, f"{prefix}{index}."))
+            leaves.append(_leaves(layer, layer_cache, f"{prefix}{index}."))
+            continue
+        if own_keys is not None:
+            keys = own_keys[index]
         else:
             keys = {name: f"{prefix}{index}.{name}" for name in layer.params}
-            leaves.append(_Leaf(layer, layer_cache, keys))
-    return leaves
+        leaves.append([_Leaf(layer, layer_cache, keys)])
+    return [leaf for group in leaves for leaf in group]
 
 
 def _coupling_layer(net, path: str = "") -> str | None:
@@ -126,29 +132,19 @@ def per_sample_value_and_grad(net, x, t, loss: Loss):
         raise ValueError(f"{where}: {type(loss).__name__} is not a sum of per-sample losses, "
                          "so it has no per-sample gradients")
     _, _, cache, value, g = _forward_and_loss(net, x, t, loss)
-    batch = g.shape[0]
     per_layer = []
     leaves = _leaves(net, cache)
     for position in range(len(leaves) - 1, -1, -1):
         layer, layer_cache, keys = leaves[position]
-        grads = {}
-        for name, op in layer._call_param_jacobians(layer_cache).items():
-            # The unsummed vjp: row i is g_i @ dy_i/dvec(p).
-            grads[keys[name]] = op._call_vjp(g).reshape((batch, *layer.params[name].shape))
-        per_layer.append(grads)
+        if keys:
+            own = layer._per_sample_grads(layer_cache, g)
+            per_layer.append({keys[name]: own[name] for name in keys})
         if position > 0:
-            g = _input_cotangent(layer, layer_cache, g)
+            g = layer._input_vjp(layer_cache, g)
     merged = {}
     for grads in reversed(per_layer):
         merged.update(grads)
     return value, merged
-
-
-def _input_cotangent(layer, cache, g):
-    """`g @ dy/dx`, without the summed parameter gradients the layer's vjp would add."""
-    if layer.params:
-        return layer._call_jacobian(cache)._call_vjp(g)
-    return layer._call_vjp(cache, g, True)[0]
 
 
 def per_sample_grad_norms(net, x, t, loss: Loss) -> np.ndarray:
@@ -169,11 +165,11 @@ def per_sample_grad_norms(net, x, t, loss: Loss) -> np.ndarray:
     total = np.zeros(g.shape[0], dtype=g.dtype)
     leaves = _leaves(net, cache)
     for position in range(len(leaves) - 1, -1, -1):
-        layer, layer_cache, _ = leaves[position]
-        for op in layer._call_param_jacobians(layer_cache).values():
-            total += op._vjp_sq_norms(g)
+        layer, layer_cache, keys = leaves[position]
+        if keys:
+            total += layer._per_sample_sq_norms(layer_cache, g)
         if position > 0:
-            g = _input_cotangent(layer, layer_cache, g)
+            g = layer._input_vjp(layer_cache, g)
     return np.sqrt(total)
 
 
@@ -468,7 +464,7 @@ class Curvature:
                 covectors[position] = g
                 if position > 0:
                     leaf = self.leaves[position]
-                    g = _input_cotangent(leaf.layer, leaf.cache, g)
+                    g = leaf.layer._input_vjp(leaf.cache, g)
             self.covectors = covectors
 
     @property
@@ -505,15 +501,24 @@ class Curvature:
             if self.exact:
                 local = {n: tangents[k] for n, k in keys.items()}
                 gx2, own2 = layer._second_vjp(layer_cache, self.covectors[position],
-                                              inputs[position], local)
+                                              inputs[position], local, need_input)
                 if gx2 is not None and need_input:
-                    gx = gx + gx2
+                    gx = _accumulate(gx, gx2, rg)
                 for name, value in own2.items():
-                    own[name] = own[name] + value
+                    own[name] = _accumulate(own[name], value, rg)
             for name, key in keys.items():
                 out[self._slots[key]] = own[name].reshape(-1)
             rg = gx
         return out
+
+
+def _accumulate(total, part, protected):
+    """`total + part`, in place when `total` is a fresh array (not `protected`, the
+    covector a layer may hand back unchanged, nor a view of it)."""
+    if total is protected or np.shares_memory(total, protected):
+        return total + part
+    total += part
+    return total
 
 
 def ggn(net, x, t, loss: Loss) -> LinearOperator:

@@ -344,8 +344,8 @@ def test_curvature_in_float32_follows_float64():
 class NoSecondDerivative(jp.Identity):
     """Test-only: an elementwise layer that does not state its second derivative."""
 
-    def _second_vjp(self, cache, g, v, tangents):
-        return jp.Layer._second_vjp(self, cache, g, v, tangents)
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        return jp.Layer._second_vjp(self, cache, g, v, tangents, need_input)
 
 
 def test_hessian_names_a_layer_without_second_derivative_and_ggn_still_works():

@@ -76,9 +76,9 @@ class Elementwise(Layer):
             "(`_second_derivative`), which exact Hessian products need"
         )
 
-    def _second_vjp(self, cache, g, v, tangents):
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
         # d/de [g * f'(x + e v)] = g * f''(x) * v
-        if v is None:
+        if v is None or not need_input:
             return None, {}
         second = self._second_derivative(cache)
         return (None if second is None else g * second * v), {}
@@ -108,7 +108,7 @@ class Identity(Layer):
         x = cache.x
         return IdentityJacobian(x.shape[0], x.shape[1], x.dtype)
 
-    def _second_vjp(self, cache, g, v, tangents):
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
         return None, {}  # linear
 
 
@@ -281,10 +281,10 @@ class Softmax(Layer):
     def _jacobian(self, cache):
         return SoftmaxJacobian(cache.y)
 
-    def _second_vjp(self, cache, g, v, tangents):
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
         # vjp = s * (g - <g, s>); moving x along v moves s by r = s * (v - <v, s>),
         # so with g fixed: r * (g - <g, s>) - s <g, r>.
-        if v is None:
+        if v is None or not need_input:
             return None, {}
         s = cache.y
         r = softmax_block_product(s, v)
