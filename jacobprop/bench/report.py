@@ -125,6 +125,7 @@ def format_table(doc: dict) -> str:
                 dev_text,
             ))
         notes.extend(_fastest_peer_note(group, rows_by_group.get(group["index"], [])))
+        notes.extend(_ranking_note(group, rows_by_group.get(group["index"], [])))
         widths = [max(len(str(line[i])) for line in table) for i in range(len(_COLUMNS))]
         rendered = [
             "  " + "  ".join(str(cell).rjust(w) if i else str(cell).ljust(w)
@@ -145,6 +146,32 @@ def _fastest_peer_note(group: dict, rows: list) -> list[str]:
         return []
     name = min(peers, key=peers.get)
     return [f"  {group['baseline']} / fastest peer ({name}): {base / peers[name]:.2f}"]
+
+
+def _ranking_note(group: dict, rows: list, tie: float = 0.10) -> list[str]:
+    """The cost model's ranking of forward and reverse against the measured one.
+
+    Orders whose predicted flops or measured medians lie within `tie` of each
+    other count as tied; a tie on either side agrees with anything.
+    """
+    predicted = group.get("extra", {}).get("cost_estimate")
+    if not isinstance(predicted, dict):
+        return []
+    medians = {row["path"]: row["median_s"] for row in rows if row["status"] == "ok"}
+    if not all(order in predicted and order in medians for order in ("forward", "reverse")):
+        return []
+
+    def verdict(values):
+        low, high = sorted(values.values())
+        if high <= low * (1 + tie):
+            return "tie"
+        return min(values, key=values.get)
+
+    model = verdict({order: predicted[order] for order in ("forward", "reverse")})
+    measured = verdict({order: medians[order] for order in ("forward", "reverse")})
+    agree = "tie" in (model, measured) or model == measured
+    return [f"  cheaper order: predicted {model}, measured {measured}"
+            f" ({'agree' if agree else 'DISAGREE'})"]
 
 
 def format_targets(doc: dict) -> str:
