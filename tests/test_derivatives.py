@@ -398,3 +398,27 @@ def test_every_layer_states_its_curvature_hooks_or_says_it_does_not(name):
         want_p = (gp_plus[key] - gp_minus[key]) / (2 * step)
         np.testing.assert_allclose(own.get(key, np.zeros_like(want_p)), want_p, rtol=1e-5,
                                    atol=1e-7)
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_ntk_and_param_jacobian_at_tiny_batches(batch):
+    net, rng = build(40 + batch)
+    x = rng.standard_normal((batch, 4))
+    P = FlatParams(net.params).size
+    dense = net.param_jacobian(x).to_dense()
+    assert dense.shape == (batch, 3, P)
+    np.testing.assert_allclose(jp.ntk(net, x), np.einsum("aip,bjp->abij", dense, dense),
+                               atol=1e-13)
+    assert jp.ntk(net, x, trace=True).shape == (batch, batch)
+
+
+def test_curvature_and_norms_stay_finite_at_large_magnitudes():
+    # Tanh and softmax saturate: second derivatives underflow to zero, never nan.
+    net, rng = build(42, activation="Tanh", tail=jp.Softmax())
+    x = rng.standard_normal((5, 4)) * 1e3
+    loss, t = loss_and_target("MSE", rng, (5, 3))
+    hess = materialize(jp.hessian(net, x, t, loss))
+    assert np.isfinite(hess).all()
+    np.testing.assert_allclose(hess, hess.T, atol=1e-12 * max(np.abs(hess).max(), 1e-300))
+    norms = net.per_sample_grad_norms(x, t, loss)
+    assert np.isfinite(norms).all() and (norms >= 0).all()
