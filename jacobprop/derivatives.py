@@ -44,6 +44,7 @@ from .jacobian import (
     _TransposedJacobian,
 )
 from .losses import Loss
+from .network import Sequential
 from .plan import ChainPlan, _plan_items
 
 __all__ = [
@@ -72,7 +73,7 @@ def _leaves(net, cache, prefix: str = "") -> list[_Leaf]:
     # Sequential.__init__); nested stacks prefix their keys with their index.
     own_keys = net._keys if not prefix else None
     for index, (layer, layer_cache) in enumerate(zip(net.layers, cache.caches, strict=True)):
-        if hasattr(layer_cache, "caches") and hasattr(layer, "layers"):
+        if isinstance(layer, Sequential):
             leaves.append(_leaves(layer, layer_cache, f"{prefix}{index}."))
             continue
         if own_keys is not None:
@@ -88,7 +89,7 @@ def _coupling_layer(net, path: str = "") -> str | None:
     for index, layer in enumerate(net.layers):
         if not layer.couples_samples:
             continue
-        if hasattr(layer, "layers"):
+        if isinstance(layer, Sequential):
             inner = _coupling_layer(layer, f"{path}{index}.")
             if inner is not None:
                 return inner
@@ -286,8 +287,6 @@ def ntk(net, x1, x2=None, *, trace: bool = False) -> np.ndarray:
     bias) share its Gram, so each layer costs one `(B1 m, k) @ (k, B2 m)`
     product and one Gram of its inputs, and `(B, m, P)` is never formed.
     """
-    from .network import Sequential
-
     if not isinstance(net, Sequential):
         raise TypeError(f"ntk: `net` must be a jacobprop Sequential, got {type(net).__name__}")
     _refuse_coupled(net, "ntk")
