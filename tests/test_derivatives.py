@@ -248,7 +248,12 @@ def test_every_loss_states_its_hessian(name, reduction):
         t = rng.dirichlet(np.ones(3), size=4)  # probability rows too
     v = rng.standard_normal((4, 3))
     want = (loss_hessian_blocks(loss, y, t) @ v.reshape(-1)).reshape(4, 3)
-    np.testing.assert_allclose(loss._hessian_product(y, t, v), want, rtol=1e-6, atol=1e-9)
+    try:
+        got = loss._hessian_product(y, t, v)
+    except NotImplementedError as error:  # a loss may not state it; it must say so
+        assert name in str(error)
+        return
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("loss_name", sorted(jp.LOSSES))
@@ -363,6 +368,9 @@ def test_every_layer_states_its_curvature_hooks_or_says_it_does_not(name):
     """`_param_jvp` and `_second_vjp` against differences of forward and vjp."""
     rng = np.random.default_rng(sum(map(ord, name)))
     layer = jp.LAYERS[name].example(4, rng=rng)
+    # The hooks state the layer's maths; eval mode keeps a stochastic layer's
+    # differences meaningful and a batch-coupled one per-sample.
+    layer.training = False
     x = rng.standard_normal((3, 4))
     y, cache = layer.forward(x)
     g = rng.standard_normal(y.shape)
