@@ -112,6 +112,15 @@ def _checked_loss(loss, where: str) -> None:
         raise TypeError(f"{where}: `loss` must be a jacobprop Loss, got {type(loss).__name__}")
 
 
+def _check_per_sample(net, loss, where: str) -> None:
+    """Per-sample gradients need a loss that sums over samples and samples that never meet."""
+    _checked_loss(loss, where)
+    _refuse_coupled(net, where)
+    if not loss.separable:
+        raise ValueError(f"{where}: {type(loss).__name__} is not a sum of per-sample losses, "
+                         "so it has no per-sample gradients")
+
+
 def _forward_and_loss(net, x, t, loss):
     y, cache = net._forward(net._check_input(x))
     t = loss._validated_target(y, t)
@@ -126,12 +135,7 @@ def per_sample_value_and_grad(net, x, t, loss: Loss):
     With the loss's reduction weight `w` (1/B for "mean"), entry i is
     `w dl(y_i, t_i)/dp`, so the per-sample gradients sum to the batch gradient.
     """
-    where = "Sequential.value_and_grad(per_sample=True)"
-    _checked_loss(loss, where)
-    _refuse_coupled(net, where)
-    if not loss.separable:
-        raise ValueError(f"{where}: {type(loss).__name__} is not a sum of per-sample losses, "
-                         "so it has no per-sample gradients")
+    _check_per_sample(net, loss, "Sequential.value_and_grad(per_sample=True)")
     _, _, cache, value, g = _forward_and_loss(net, x, t, loss)
     per_layer = []
     leaves = _leaves(net, cache)
@@ -151,17 +155,13 @@ def per_sample_value_and_grad(net, x, t, loss: Loss):
 def per_sample_grad_norms(net, x, t, loss: Loss) -> np.ndarray:
     """`(B,)`: the Euclidean norm of each sample's gradient over all parameters.
 
-    Each parameter Jacobian states the squared norms of its unsummed vjp
-    (`Jacobian._vjp_sq_norms`): for Dense, `||g_i x_i^T||^2 = ||g_i||^2 ||x_i||^2`
-    and `||g_i||^2` for the bias, so no per-sample gradient is formed and the
+    Each layer states the squared norms of its unsummed parameter vjps
+    (`Layer._per_sample_sq_norms`, by default from each parameter Jacobian's
+    `_vjp_sq_norms`): for Dense, `||g_i x_i^T||^2 = ||g_i||^2 ||x_i||^2` and
+    `||g_i||^2` for the bias, so no per-sample gradient is formed and the
     cost is about one batch gradient.
     """
-    where = "Sequential.per_sample_grad_norms"
-    _checked_loss(loss, where)
-    _refuse_coupled(net, where)
-    if not loss.separable:
-        raise ValueError(f"{where}: {type(loss).__name__} is not a sum of per-sample losses, "
-                         "so it has no per-sample gradients")
+    _check_per_sample(net, loss, "Sequential.per_sample_grad_norms")
     _, _, cache, _, g = _forward_and_loss(net, x, t, loss)
     total = np.zeros(g.shape[0], dtype=g.dtype)
     leaves = _leaves(net, cache)
