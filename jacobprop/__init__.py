@@ -19,6 +19,7 @@ from .checks import (
     numerical_jacobian,
     taylor_test,
 )
+from .derivatives import ggn, hessian, ntk
 from .errors import GradcheckError, ShapeError
 from .io import ModelFileError, load, save
 from .jacobian import (
@@ -86,6 +87,9 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "BinaryCrossEntropy",
     "Sequential",
+    "ntk",
+    "ggn",
+    "hessian",
     "gradcheck",
     "check_layer",
     "numerical_jacobian",

@@ -145,6 +145,9 @@ _WORKLOAD_DEFAULTS = {
     "grad": {"batch": [32], "width": [128], "depth": [2]},
     "jacobian": {"batch": [8], "width": [64], "depth": [3]},
     "gradcheck": {"batch": [8], "width": [64], "depth": [3]},
+    "ntk": {"batch": [64], "width": [128], "depth": [2]},
+    "per-sample": {"batch": [256], "width": [128], "depth": [2]},
+    "curvature": {"batch": [256], "width": [128], "depth": [2]},
 }
 #: Options of a workload (its grid); valid only after the workload name.
 _GRID_OPTIONS = ("--batch", "--width", "--depth", "--activation", "--dtype", "--in-features",
@@ -154,7 +157,14 @@ _TRAIN_HELP = ("training: digits against scikit-learn's MLPClassifier, least_squ
 _WORKLOAD_HELP = {
     "grad": "loss + gradients by every path: NumPy reference, vjp, jacobian, dense "
             "jacobian, finite differences, peers",
-    "jacobian": "full per-sample dy/dx by forward, reverse and auto product order",
+    "jacobian": "full per-sample dy/dx (to_dense) by forward, reverse and auto product "
+                "order (with the plan), peers jit(vmap(jacrev/jacfwd)) and torch.func",
+    "ntk": "empirical NTK, full and traced, against a structured NumPy computation and "
+           "the peers' Jacobian contraction",
+    "per-sample": "per-sample gradients and their norms against a NumPy einsum, the batch "
+                  "gradient and the peers' vmap(grad)",
+    "curvature": "one GGN and one Hessian product (forward cached) against a NumPy product "
+                 "and the peers' linearized products",
     "gradcheck": "the gradient checker's modes (full, fast, richardson, taylor), "
                  "torch.autograd.gradcheck as a peer",
 }
@@ -355,8 +365,6 @@ def run(plan, output: Output, *, stdout=None, stderr=None) -> int:
 
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
-    if plan.peers and all(workload == "jacobian" for workload, _, _ in plan.groups):
-        print("note: peers have no jacobian workload; --against is ignored here", file=stderr)
     progress = not output.quiet and hasattr(stderr, "isatty") and stderr.isatty()
     doc = run_bench(plan, stderr=stderr, progress=progress)
     if not output.quiet:

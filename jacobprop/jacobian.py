@@ -40,8 +40,6 @@ __all__ = [
     "SoftmaxJacobian",
     "KroneckerJacobian",
     "as_jacobian",
-    "multiply_chain",
-    "chain_cost",
 ]
 
 
@@ -269,6 +267,43 @@ class Jacobian:
     def _scale(self, scalar) -> Jacobian:
         return GeneralJacobian(scalar * self._dense_view())
 
+    def _vjp_sq_norms(self, g: np.ndarray) -> np.ndarray:
+        """`||g_i @ J_i||^2` per sample `(B,)` (per-sample gradient norms)."""
+        u = self._call_vjp(g)
+        return np.einsum("bn,bn->b", u, u)
+
+    # ---- product costs: the plan's model (`plan.py`) of the rules above ------
+    # Class methods on shapes only, so an order is planned before any product
+    # runs. A class with no cost of its own is costed as dense blocks: an upper
+    # bound, never an error, for structures the model does not know.
+    @classmethod
+    def _matmul_cost(cls, shape, other: type, other_shape):
+        """`(result class, flops)` of `_matmul` with `other`, or NotImplemented."""
+        return NotImplemented
+
+    @classmethod
+    def _rmatmul_cost(cls, shape, other: type, other_shape):
+        """`(result class, flops)` of `_rmatmul` with `other`, or NotImplemented."""
+        return NotImplemented
+
+    @classmethod
+    def _apply_cost(cls, shape, k: int) -> int:
+        """Flops of `_apply` to a dense `(B, n, k)` stack."""
+        batch, m, n = shape
+        return batch * m * n * k
+
+    @classmethod
+    def _rapply_cost(cls, shape, k: int) -> int:
+        """Flops of `_rapply` to a dense `(B, k, m)` stack."""
+        batch, m, n = shape
+        return batch * k * m * n
+
+    @classmethod
+    def _stored_items(cls, shape) -> int:
+        """Array entries an operator of this class and `shape` holds."""
+        batch, m, n = shape
+        return batch * m * n
+
     def _check_vectors(self, array, size: int, name: str, method: str) -> np.ndarray:
         array = array if isinstance(array, np.ndarray) else np.asarray(array)
         if array.shape != (self.batch_size, size):
@@ -382,13 +417,13 @@ class SharedJacobian(Jacobian):
         # One GEMM over the flattened batch beats numpy's loop of B small ones.
         batch, n, k = right.shape
         flat = right.swapaxes(1, 2).reshape(batch * k, n) @ self.matrix.T
-        return flat.reshape(batch, k, -1).swapaxes(1, 2)
+        return flat.reshape(batch, k, self.out_dim).swapaxes(1, 2)
 
     def _rapply(self, left):
         if left.ndim == 2:
             return left @ self.matrix
         batch, k, m = left.shape
-        return (left.reshape(batch * k, m) @ self.matrix).reshape(batch, k, -1)
+        return (left.reshape(batch * k, m) @ self.matrix).reshape(batch, k, self.in_dim)
 
     def _matmul(self, other):
         if isinstance(other, SharedJacobian):
@@ -411,6 +446,31 @@ class SharedJacobian(Jacobian):
 
     def _scale(self, scalar):
         return SharedJacobian(scalar * self.matrix, self.batch_size)
+
+    @classmethod
+    def _matmul_cost(cls, shape, other, other_shape):
+        batch, m, k = shape
+        if issubclass(other, SharedJacobian):
+            return SharedJacobian, m * k * other_shape[2]
+        if issubclass(other, DiagonalJacobian):
+            return GeneralJacobian, batch * m * k
+        return NotImplemented
+
+    @classmethod
+    def _rmatmul_cost(cls, shape, other, other_shape):
+        if issubclass(other, DiagonalJacobian):
+            return GeneralJacobian, shape[0] * shape[1] * shape[2]
+        return NotImplemented
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        # the GEMM, plus the copy that lays the stack out for it (see `_apply`)
+        batch, m, n = shape
+        return batch * m * n * k + batch * n * k
+
+    @classmethod
+    def _stored_items(cls, shape):
+        return shape[1] * shape[2]
 
     def to_sparse(self):
         return sparse.csr_array(
@@ -480,6 +540,22 @@ class DiagonalJacobian(Jacobian):
     def _scale(self, scalar):
         return DiagonalJacobian(scalar * self.diagonal)
 
+    @classmethod
+    def _matmul_cost(cls, shape, other, other_shape):
+        if issubclass(other, DiagonalJacobian):
+            return DiagonalJacobian, shape[0] * shape[1]
+        return NotImplemented
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        return shape[0] * shape[1] * k
+
+    _rapply_cost = _apply_cost
+
+    @classmethod
+    def _stored_items(cls, shape):
+        return shape[0] * shape[1]
+
     def to_sparse(self):
         size = self.diagonal.size
         return sparse.csr_array(
@@ -508,6 +584,9 @@ class IdentityJacobian(Jacobian):
 
     def _sum_vjp(self, g):
         return g.sum(axis=0)
+
+    def _vjp_sq_norms(self, g):
+        return np.einsum("bn,bn->b", g, g)
 
     def _batch_sum(self):
         return self.batch_size * np.eye(self.out_dim, dtype=self.dtype)
@@ -540,6 +619,22 @@ class IdentityJacobian(Jacobian):
 
     def _scale(self, scalar):
         return DiagonalJacobian(np.full(self.shape[:2], scalar, dtype=self.dtype))
+
+    @classmethod
+    def _matmul_cost(cls, shape, other, other_shape):
+        return other, 0
+
+    _rmatmul_cost = _matmul_cost
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        return 0
+
+    _rapply_cost = _apply_cost
+
+    @classmethod
+    def _stored_items(cls, shape):
+        return 0
 
     def to_sparse(self):
         return sparse.csr_array(sparse.identity(self.batch_size * self.out_dim, dtype=self.dtype))
@@ -594,6 +689,17 @@ class SoftmaxJacobian(Jacobian):
         if left.ndim == 2:
             left = left[None]
         return (left - left @ s[:, :, None]) * s[:, None, :]
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        # one reduction, one subtraction and one scaling per entry of the stack
+        return 3 * shape[0] * shape[1] * k
+
+    _rapply_cost = _apply_cost
+
+    @classmethod
+    def _stored_items(cls, shape):
+        return shape[0] * shape[1]
 
 
 class KroneckerJacobian(Jacobian):
@@ -672,6 +778,17 @@ class KroneckerJacobian(Jacobian):
 
     def _scale(self, scalar):
         return KroneckerJacobian(self.left._scale(scalar), self.x)
+
+    def _vjp_sq_norms(self, g):
+        # ||vec(outer(u_i, x_i))||^2 = ||u_i||^2 ||x_i||^2: never forms the outer products.
+        u = self.left._call_vjp(g)
+        return np.einsum("bk,bk->b", u, u) * np.einsum("bq,bq->b", self.x, self.x)
+
+    @classmethod
+    def _rmatmul_cost(cls, shape, other, other_shape):
+        # The left factor absorbs `other` (usually an identity, which is free);
+        # its structure is not known from `shape`, so count one pass over `other`.
+        return KroneckerJacobian, shape[0] * other_shape[1] * shape[1]
 
 
 class _TransposedJacobian(Jacobian):
@@ -791,92 +908,12 @@ def _blocks_to_sparse(blocks: np.ndarray) -> sparse.csr_array:
     )
 
 
-# ---- choosing the product order of a chain --------------------------------
-def _product_estimate(left, right) -> tuple[str, int]:
-    """(kind of the result, flop estimate) of `left @ right` from kinds and shapes only.
+# ---- the product order of a chain lives in `plan.py` --------------------------
+def __getattr__(name):
+    # `from jacobprop.jacobian import chain_cost, multiply_chain` predates
+    # `plan.py`, which imports this module, so the names resolve lazily here.
+    if name in ("chain_cost", "multiply_chain"):
+        from . import plan
 
-    `left` and `right` are `(kind, (B, m, n))` pairs; the numbers follow the
-    rules `_compose` applies, so the order search sees the costs it will pay.
-    """
-    (lkind, (batch, m, k)), (rkind, (_, _, n)) = left, right
-    if lkind == "identity":
-        return rkind, 0
-    if rkind == "identity":
-        return lkind, 0
-    if lkind == rkind == "diagonal":
-        return "diagonal", batch * m
-    if lkind == rkind == "shared":
-        return "shared", m * k * n
-    if {lkind, rkind} == {"shared", "diagonal"}:
-        return "general", batch * m * n
-    if lkind == "kronecker" and rkind != "general":
-        return "general", batch * m * k * n
-    if rkind == "kronecker":
-        return "kronecker", batch * m * k
-    cheap = {"diagonal": 1, "softmax": 3}
-    if lkind in cheap:
-        return "general", cheap[lkind] * batch * m * n
-    if rkind in cheap:
-        return "general", cheap[rkind] * batch * m * n
-    return "general", batch * m * k * n
-
-
-def chain_cost(ops: list[Jacobian], order: str = "auto") -> tuple[int, object]:
-    """The flop estimate of `ops[0] @ ops[1] @ ... @ ops[-1]` and its parenthesization.
-
-    `order` is "reverse" (left to right: start from the outputs), "forward"
-    (right to left: start from the inputs) or "auto" (the cheapest of all
-    parenthesizations, by dynamic programming over the chain). The tree is an
-    int (a leaf index) or a pair of trees.
-    """
-    items = [(op.kind, op.shape) for op in ops]
-    count = len(items)
-    if order in ("reverse", "forward"):
-        indices = range(count) if order == "reverse" else range(count - 1, -1, -1)
-        indices = list(indices)
-        tree, item, total = indices[0], items[indices[0]], 0
-        for index in indices[1:]:
-            pair = (item, items[index]) if order == "reverse" else (items[index], item)
-            kind, cost = _product_estimate(*pair)
-            total += cost
-            shape = (pair[0][1][0], pair[0][1][1], pair[1][1][2])
-            item = (kind, shape)
-            tree = (tree, index) if order == "reverse" else (index, tree)
-        return total, tree
-    if order != "auto":
-        raise ValueError(
-            f"chain_cost: `order` must be 'auto', 'forward' or 'reverse', got {order!r}"
-        )
-    # best[i][j] = (cost, (kind, shape), tree) for ops[i..j]
-    best = [[None] * count for _ in range(count)]
-    for i in range(count):
-        best[i][i] = (0, items[i], i)
-    for span in range(1, count):
-        for i in range(count - span):
-            j = i + span
-            for split in range(i, j):
-                lcost, litem, ltree = best[i][split]
-                rcost, ritem, rtree = best[split + 1][j]
-                kind, cost = _product_estimate(litem, ritem)
-                total = lcost + rcost + cost
-                if best[i][j] is None or total < best[i][j][0]:
-                    shape = (litem[1][0], litem[1][1], ritem[1][2])
-                    best[i][j] = (total, (kind, shape), (ltree, rtree))
-    total, _, tree = best[0][count - 1]
-    return total, tree
-
-
-def multiply_chain(ops: list[Jacobian], order: str = "auto") -> Jacobian:
-    """`ops[0] @ ops[1] @ ... @ ops[-1]` in the given `order` (see `chain_cost`)."""
-    if not ops:
-        raise ValueError("multiply_chain: need at least one operator")
-    for left, right in zip(ops[:-1], ops[1:], strict=True):
-        _check_composable(left, right)
-    _, tree = chain_cost(ops, order)
-
-    def evaluate(node):
-        if isinstance(node, int):
-            return ops[node]
-        return _compose(evaluate(node[0]), evaluate(node[1]))
-
-    return evaluate(tree)
+        return getattr(plan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -171,6 +171,17 @@ class Loss:
     def _value_and_grad(self, y, t):
         raise NotImplementedError
 
+    def _hessian_product(self, y, t, v):
+        """`d^2 L/dy^2 v` for `v` `(B, m)`, reduction weight included (curvature products).
+
+        For separable losses the Hessian is block-diagonal: one `(m, m)` block
+        per sample, applied to `v_i`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not state its Hessian (`_hessian_product`), which "
+            "jp.ggn and jp.hessian need"
+        )
+
 
 resolve_dispatch(Loss)
 
@@ -196,6 +207,10 @@ class MSE(Loss):
         value = float(np.einsum("bm,bm->", diff, diff)) / m * self._weight(batch)
         diff *= 2.0 * self._weight(batch) / m
         return value, diff
+
+    def _hessian_product(self, y, t, v):
+        # H_i = (2 w / m) I
+        return v * (2.0 * self._weight(y.shape[0]) / y.shape[1])
 
 
 @register_loss
@@ -223,6 +238,17 @@ class RMSE(MSE):
             return value, np.zeros_like(grad)
         grad /= 2.0 * value
         return value, grad
+
+    def _hessian_product(self, y, t, v):
+        # L = sqrt(M): H = H_M / (2L) - grad_M grad_M^T / (4 L^3), one rank-one term over
+        # the whole batch (RMSE is not separable). At L == 0 the Hessian does not exist;
+        # its value is taken as 0 there, as the gradient is.
+        mse, grad_m = MSE._value_and_grad(self, y, t)
+        value = np.sqrt(mse)
+        if value == 0.0:
+            return np.zeros_like(v)
+        return (MSE._hessian_product(self, y, t, v) / (2 * value)
+                - grad_m * (np.vdot(grad_m, v) / (4 * value**3)))
 
 
 @register_loss
@@ -324,6 +350,16 @@ class SoftmaxCrossEntropy(Loss):
         probabilities *= weight
         return float(np.add.reduce(per_sample)) * weight, probabilities
 
+    def _hessian_product(self, y, t, v):
+        # H_i = w s_i (diag(p_i) - p_i p_i^T) with s_i = sum_k t_ik (1 for labels)
+        _, exps = stable_exp_shifted(y)
+        p = exps / np.add.reduce(exps, axis=1, keepdims=True)
+        hv = p * (v - np.einsum("bm,bm->b", p, v)[:, None])
+        hv *= self._weight(y.shape[0])
+        if t.ndim == 2:
+            hv *= t.sum(axis=1)[:, None]
+        return hv
+
 
 @register_loss
 class BinaryCrossEntropy(Loss):
@@ -365,3 +401,7 @@ class BinaryCrossEntropy(Loss):
         grad -= t
         grad *= weight / m
         return value, grad
+
+    def _hessian_product(self, y, t, v):
+        # H_i = (w / m) diag(sigmoid(y_i) sigmoid(-y_i))
+        return v * (expit(y) * expit(-y)) * (self._weight(y.shape[0]) / y.shape[1])

@@ -19,9 +19,10 @@ import numpy as np
 
 from .dispatch import standard
 from .errors import ShapeError, check_batch_matrix
-from .jacobian import GeneralJacobian, Jacobian, _compose, chain_cost, multiply_chain
+from .jacobian import GeneralJacobian, Jacobian, _compose
 from .layers.base import Layer
 from .losses import Loss
+from .plan import _multiply_planned, plan_chain
 
 __all__ = ["Sequential", "SequentialCache"]
 
@@ -198,10 +199,16 @@ class Sequential(Layer):
         return v
 
     def _jacobian(self, cache, order="auto"):
-        ops = [
+        ops = self._jacobian_ops(cache)
+        # Planned once per structures and shapes (cached); the layers' own
+        # operators compose by construction, so no shape checks per product.
+        return _multiply_planned(ops, plan_chain(ops, order, forward=True))
+
+    def _jacobian_ops(self, cache) -> list[Jacobian]:
+        """The layers' dy/dx operators, output side first (`J_L, ..., J_1`)."""
+        return [
             layer._call_jacobian(c) for layer, c in zip(self._layers, cache.caches, strict=True)
-        ]
-        return multiply_chain(ops[::-1], order)
+        ][::-1]
 
     def _param_jacobians(self, cache):
         # dy/dvec(p) = (J_L @ ... @ J_{l+1}) @ dy_l/dvec(p): keep the running
@@ -236,7 +243,8 @@ class Sequential(Layer):
 
     # ---- the public network API ------------------------------------------------------
     @standard
-    def jacobian(self, x_or_cache, order: str = "auto") -> Jacobian:
+    def jacobian(self, x_or_cache, order: str = "auto", *, max_bytes: int | None = None
+                 ) -> Jacobian:
         """The full input-output Jacobian dy/dx, `(B, m, n)`.
 
         Parameters
@@ -247,12 +255,30 @@ class Sequential(Layer):
             Product order of `J_L @ ... @ J_1`: "forward" starts from the inputs
             (cost grows with the input width), "reverse" from the outputs (grows
             with the output width), "auto" picks the cheapest parenthesization
-            for the structures at hand (shared, diagonal, ...).
+            for the structures at hand (shared, diagonal, ...). The choice is
+            planned once per structures and shapes and cached.
+        max_bytes : int, optional
+            Bound the predicted peak memory: the batch is processed in pieces
+            (each with its own forward pass; with a cache, from `cache.x`) and
+            the result is one dense `(B, m, n)` operator. Refused for networks
+            whose samples interact (`couples_samples`).
+
+        Returns
+        -------
+        Jacobian
+            Its `plan` attribute (`jacobprop.plan.ChainPlan`) holds the order
+            chosen, the predicted flops and the predicted peak bytes.
         """
         if order not in _ORDERS:
             raise ValueError(
                 f"Sequential.jacobian: `order` must be one of {_ORDERS}, got {order!r}"
             )
+        if max_bytes is not None:
+            from .derivatives import jacobian_in_pieces
+
+            x = (x_or_cache.x if isinstance(x_or_cache, SequentialCache)
+                 else self._check_input(x_or_cache))
+            return jacobian_in_pieces(self, x, order, max_bytes)
         if isinstance(x_or_cache, SequentialCache):
             cache = x_or_cache
         else:
@@ -260,17 +286,39 @@ class Sequential(Layer):
         return self._jacobian(cache, order)
 
     def jacobian_cost(self, x_or_cache, order: str = "auto") -> int:
-        """The flop estimate the order search assigns to `jacobian(x, order)`."""
+        """The flop estimate the plan assigns to `jacobian(x, order)`."""
+        if order not in _ORDERS:
+            raise ValueError(
+                f"Sequential.jacobian_cost: `order` must be one of {_ORDERS}, got {order!r}"
+            )
         if isinstance(x_or_cache, SequentialCache):
             cache = x_or_cache
         else:
             _, cache = self._forward(self._check_input(x_or_cache))
-        ops = [
-            layer._call_jacobian(c) for layer, c in zip(self._layers, cache.caches, strict=True)
-        ]
-        return chain_cost(ops[::-1], order)[0]
+        return plan_chain(self._jacobian_ops(cache), order).flops
 
-    def value_and_grad(self, x, t, loss: Loss, mode: str = "vjp", dense: bool = False):
+    def param_jacobian(self, x) -> Jacobian:
+        """dy_i/dtheta over the flat parameters (`params` order, each C-order), `(B, m, P)`.
+
+        A structured operator (see `jacobprop.derivatives.ParamJacobian`);
+        `to_dense()` materializes it.
+        """
+        from .derivatives import param_jacobian
+
+        return param_jacobian(self, x)
+
+    def per_sample_grad_norms(self, x, t, loss: Loss) -> np.ndarray:
+        """`(B,)`: each sample's gradient norm over all parameters, never materialized.
+
+        The per-sample gradients are those of `value_and_grad(..., per_sample=True)`
+        (including the loss's reduction weight).
+        """
+        from .derivatives import per_sample_grad_norms
+
+        return per_sample_grad_norms(self, x, t, loss)
+
+    def value_and_grad(self, x, t, loss: Loss, mode: str = "vjp", dense: bool = False, *,
+                       per_sample: bool = False):
         """`(L, grads)`: the loss value and `dL/dp` for every parameter.
 
         Parameters
@@ -284,6 +332,11 @@ class Sequential(Layer):
         dense : bool
             With mode="jacobian", materialize every block as a `(B, m, n)`
             array first (slow; for teaching and cross-checking).
+        per_sample : bool
+            Give every gradient a leading batch axis `(B, *p.shape)`: sample i's
+            share of `dL/dp` (the loss's reduction weight included), so they
+            sum to the batch gradient. Needs mode="vjp" and a separable loss;
+            refused for networks whose samples interact.
 
         Returns
         -------
@@ -302,6 +355,14 @@ class Sequential(Layer):
         if not isinstance(loss, Loss):
             raise TypeError(f"Sequential.value_and_grad: `loss` must be a jacobprop Loss, "
                             f"got {type(loss).__name__}")
+        if per_sample:
+            if mode != "vjp" or dense:
+                raise ValueError("Sequential.value_and_grad: per_sample=True works with "
+                                 f"mode='vjp' and dense=False, got mode={mode!r}, "
+                                 f"dense={dense!r}")
+            from .derivatives import per_sample_value_and_grad
+
+            return per_sample_value_and_grad(self, x, t, loss)
         y, cache = self._forward(self._check_input(x))
         # `y` comes from our own forward pass: only the target needs checking.
         value, g = loss._call_value_and_grad(y, loss._validated_target(y, t))

@@ -145,7 +145,8 @@ def test_jacobian_workload_reports_costs_and_matches_finite_differences(tmp_path
         assert row["deviation"] < 1e-6
         assert costs[order] == net.jacobian_cost(x, order)
         assert row["extra"]["cost_estimate"] == costs[order]
-    assert rows["forward"]["ratio"] == 1.0
+    assert rows["auto"]["ratio"] == 1.0
+    assert doc["groups"][0]["extra"]["plan"].startswith("order=auto -> ")
 
 
 def test_plain_bench_is_the_default_suite():
@@ -169,7 +170,8 @@ def test_common_options_count_before_and_after_the_workload_name():
 
 
 def test_targets_suite_holds_every_target_configuration():
-    groups = [(w, s) for w, s, _ in suites.SUITES["targets"].groups]
+    groups = [(w, s) for suite in ("targets", "jacobians")
+              for w, s, _ in suites.SUITES[suite].groups]
     for target in suites.TARGETS:
         assert (target.workload, target.spec) in groups, target.name
     assert suites.GRADCHECK_TARGET.n_params == 6922

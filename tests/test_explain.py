@@ -75,8 +75,11 @@ def test_jacobian_trace_follows_the_engines_plan():
         ("product", "J_2 @ J_1", "general", [2, 3, 16], 2 * 3 * 16),
         ("product", "J_2..1 @ J_0", "general", [2, 3, 4], 2 * 3 * 16 * 4),
     ]
-    assert trace.order_flops == {"reverse": 480, "forward": 2 * 16 * 4 + 2 * 3 * 16 * 4,
-                                 "auto": 480}
+    # forward: diagonal @ shared scales rows (B m n), then shared @ general is a GEMM
+    # plus the copy that lays the stack out for it (B m k n + B k n)
+    assert trace.order_flops == {
+        "reverse": 480, "forward": 2 * 16 * 4 + (2 * 3 * 16 * 4 + 2 * 16 * 4), "auto": 480
+    }
     assert trace.plan == [[0, 1], 2]
     assert trace.order_flops["auto"] == net.jacobian_cost(x)
     assert "plan ((J_2 @ J_1) @ J_0)" in str(trace)

@@ -93,6 +93,8 @@ def format_table(doc: dict) -> str:
         if "cost_estimate" in extra:
             costs = ", ".join(f"{k} {v:.3g}" for k, v in extra["cost_estimate"].items())
             title += f"\n  engine cost estimate (flop): {costs}"
+        if "plan" in extra:
+            title += f"\n  plan: {extra['plan']}"
         table = [_COLUMNS]
         notes = []
         flag = DEVIATION_FLAG[group["config"]["dtype"]]
@@ -122,6 +124,8 @@ def format_table(doc: dict) -> str:
                 _bytes(row["peak_memory_bytes"]),
                 dev_text,
             ))
+        notes.extend(_fastest_peer_note(group, rows_by_group.get(group["index"], [])))
+        notes.extend(_ranking_note(group, rows_by_group.get(group["index"], [])))
         widths = [max(len(str(line[i])) for line in table) for i in range(len(_COLUMNS))]
         rendered = [
             "  " + "  ".join(str(cell).rjust(w) if i else str(cell).ljust(w)
@@ -130,6 +134,44 @@ def format_table(doc: dict) -> str:
         ]
         blocks.append("\n".join([title] + rendered + notes))
     return "\n\n".join(blocks)
+
+
+def _fastest_peer_note(group: dict, rows: list) -> list[str]:
+    """`baseline / fastest peer (name): ratio`, when a peer row and the baseline ran."""
+    medians = {row["path"]: row["median_s"] for row in rows if row["status"] == "ok"}
+    peers = {row["path"]: row["median_s"] for row in rows
+             if row["status"] == "ok" and row["peer"] is not None}
+    base = medians.get(group["baseline"])
+    if not peers or not base:
+        return []
+    name = min(peers, key=peers.get)
+    return [f"  {group['baseline']} / fastest peer ({name}): {base / peers[name]:.2f}"]
+
+
+def _ranking_note(group: dict, rows: list, tie: float = 0.10) -> list[str]:
+    """The cost model's ranking of forward and reverse against the measured one.
+
+    Orders whose predicted flops or measured medians lie within `tie` of each
+    other count as tied; a tie on either side agrees with anything.
+    """
+    predicted = group.get("extra", {}).get("cost_estimate")
+    if not isinstance(predicted, dict):
+        return []
+    medians = {row["path"]: row["median_s"] for row in rows if row["status"] == "ok"}
+    if not all(order in predicted and order in medians for order in ("forward", "reverse")):
+        return []
+
+    def verdict(values):
+        low, high = sorted(values.values())
+        if high <= low * (1 + tie):
+            return "tie"
+        return min(values, key=values.get)
+
+    model = verdict({order: predicted[order] for order in ("forward", "reverse")})
+    measured = verdict({order: medians[order] for order in ("forward", "reverse")})
+    agree = "tie" in (model, measured) or model == measured
+    return [f"  cheaper order: predicted {model}, measured {measured}"
+            f" ({'agree' if agree else 'DISAGREE'})"]
 
 
 def format_targets(doc: dict) -> str:

@@ -14,12 +14,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .jacobians import curvature_group, jacobian_group, ntk_group, per_sample_group
 from .models import MLPSpec
 from .peers import PEERS, PeerMissing, import_peer, peer_versions, set_peer_threads
 from .schema import SCHEMA_VERSION
 from .suites import evaluate_targets
 from .timing import MEMORY_METHOD, MIN_SAMPLE_SECONDS, machine_info, matmul_peak, measure_group
-from .workloads import Limits, grad_group, gradcheck_group, jacobian_group
+from .workloads import Limits, grad_group, gradcheck_group
+
+#: The workloads of `bench/jacobians.py` (Jacobians beyond the gradient), all with peers.
+DERIVATIVE_WORKLOADS = {
+    "jacobian": jacobian_group,
+    "ntk": ntk_group,
+    "per-sample": per_sample_group,
+    "curvature": curvature_group,
+}
 
 __all__ = ["BenchPlan", "run_bench"]
 
@@ -57,11 +66,10 @@ class BenchPlan:
 
 
 def _builders(workload, spec: MLPSpec, peers, plan: BenchPlan):
-    # Peers have no jacobian workload.
     if workload == "grad":
         return grad_group(spec, seed=plan.seed, peers=peers, limits=plan.limits)
-    if workload == "jacobian":
-        return jacobian_group(spec, seed=plan.seed)
+    if workload in DERIVATIVE_WORKLOADS:
+        return DERIVATIVE_WORKLOADS[workload](spec, seed=plan.seed, peers=peers)
     return gradcheck_group(spec, seed=plan.seed, peers=peers)
 
 

@@ -42,7 +42,7 @@ _ROW = {
                  "peak_fraction", "peak_memory_bytes", "deviation", "deviation_against"],
     "properties": {
         "group": {"type": "integer", "minimum": 0},
-        "workload": {"enum": ["grad", "jacobian", "gradcheck"]},
+        "workload": {"enum": ["grad", "jacobian", "gradcheck", "ntk", "per-sample", "curvature"]},
         "path": {"type": "string"},
         "peer": _STRING_OR_NULL,
         "status": {"enum": ["ok", "skipped", "error"]},
@@ -71,7 +71,7 @@ _GROUP = {
                  "matmul_bound"],
     "properties": {
         "index": {"type": "integer", "minimum": 0},
-        "workload": {"enum": ["grad", "jacobian", "gradcheck"]},
+        "workload": {"enum": ["grad", "jacobian", "gradcheck", "ntk", "per-sample", "curvature"]},
         "label": {"type": "string"},
         "config": _CONFIG,
         "baseline": {"type": "string"},

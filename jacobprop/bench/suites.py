@@ -37,6 +37,20 @@ class Suite:
 # The gradcheck target network: 32 -> 64 -> 64 -> 10, batch 8 (6,922 parameters).
 GRADCHECK_TARGET = MLPSpec(batch=8, width=64, depth=3, in_features=32)
 
+# Jacobians beyond the gradient (issue 8): the full-Jacobian grid against the
+# peers, and the NTK, per-sample and curvature target configurations.
+JACOBIAN_GRID = tuple(
+    MLPSpec(batch=64, width=width, depth=depth, dtype=dtype, classes=classes)
+    for dtype in ("float64", "float32")
+    for width in (16, 128)
+    for classes in (1, 10, width)
+    for depth in (2, 8)
+)
+NTK_TARGET = MLPSpec(batch=64, width=128, depth=2)
+PER_SAMPLE_TARGETS = tuple(MLPSpec(batch=batch, width=width) for batch in (64, 256)
+                           for width in (16, 128))
+CURVATURE_TARGET = MLPSpec(batch=256, width=128)
+
 SUITES = {
     "default": Suite(
         "A quick tour: every workload at small and medium sizes, float64 and float32",
@@ -63,6 +77,16 @@ SUITES = {
         ),
         repeats=21,
         budget_seconds=3.0,
+    ),
+    "jacobians": Suite(
+        "Jacobians beyond the gradient: the full-Jacobian grid, NTK, per-sample gradients "
+        "and curvature products, each against torch.func and jitted JAX",
+        tuple([("jacobian", spec, ("torch", "jax")) for spec in JACOBIAN_GRID]
+              + [("ntk", NTK_TARGET, ("torch", "jax"))]
+              + [("per-sample", spec, ("torch", "jax")) for spec in PER_SAMPLE_TARGETS]
+              + [("curvature", CURVATURE_TARGET, ("torch", "jax"))]),
+        repeats=11,
+        budget_seconds=1.5,
     ),
 }
 
@@ -97,6 +121,20 @@ TARGETS = (
            "jacobian", "vjp", 1.5),
     Target("full gradcheck speed-up over torch.autograd.gradcheck, 32-64-64-10 B=8",
            "gradcheck", GRADCHECK_TARGET, "full", "torch", 20.0, ">=", speedup=True),
+    Target("ntk / structured NumPy, B=64 width 128", "ntk", NTK_TARGET,
+           "ntk", "numpy-structured", 1.5),
+    Target("ntk trace / structured NumPy trace, B=64 width 128", "ntk", NTK_TARGET,
+           "ntk-trace", "numpy-structured-trace", 1.5),
+    *(Target(f"per-sample grads / NumPy einsum, B={spec.batch} width {spec.width}",
+             "per-sample", spec, "per-sample", "numpy-einsum", 1.2)
+      for spec in PER_SAMPLE_TARGETS),
+    *(Target(f"per-sample norms / batch gradient, B={spec.batch} width {spec.width}",
+             "per-sample", spec, "norms", "batch-grad", 1.5)
+      for spec in PER_SAMPLE_TARGETS),
+    Target("GGN product / NumPy product, B=256 width 128", "curvature", CURVATURE_TARGET,
+           "ggn", "numpy-ggn", 1.3),
+    Target("Hessian product / NumPy product, B=256 width 128", "curvature", CURVATURE_TARGET,
+           "hessian", "numpy-hessian", 1.3),
 )
 
 

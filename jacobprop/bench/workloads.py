@@ -28,8 +28,7 @@ from .models import (
 from .peers import PeerMissing, PeerUnsupported, grad_callable, torch_gradcheck_callable
 from .timing import Case
 
-__all__ = ["Group", "JACOBIAN_ORDERS", "Limits", "grad_group", "jacobian_group",
-           "gradcheck_group"]
+__all__ = ["Group", "JACOBIAN_ORDERS", "Limits", "grad_group", "gradcheck_group"]
 
 JACOBIAN_ORDERS = ("forward", "reverse", "auto")
 #: A workload counts as matmul-bound (and gets a fraction-of-peak column) when
@@ -243,32 +242,6 @@ def _central_differences(net, x, labels, loss):
         finally:
             param[...] = original
     return value, grads
-
-
-# ---- jacobian ---------------------------------------------------------------------
-def jacobian_group(spec: MLPSpec, *, seed: int = 0, samples: int = 4):
-    """Full per-sample dy/dx by each product order; baseline: forward order.
-
-    The correctness column compares the first `samples` blocks with central
-    differences of the float64 network.
-    """
-    net, x, _, _ = build_mlp(spec, rng=np.random.default_rng(seed))
-    twin = _float64_twin(net, spec, seed)
-    # Samples do not interact: numerical_jacobian moves feature j of every kept
-    # sample at once, so the k blocks cost 2n forward passes.
-    want = numerical_jacobian(twin, x[:samples])
-    against = f"float64 central differences (first {want.shape[0]} samples)"
-
-    def check(result):
-        return relative_deviation(result.to_dense()[: want.shape[0]], want), against
-
-    costs = {order: int(net.jacobian_cost(x, order)) for order in JACOBIAN_ORDERS}
-    cases = [
-        Case(order, lambda order=order: net.jacobian(x, order=order), check,
-             flops=float(costs[order]), extra={"cost_estimate": costs[order]})
-        for order in JACOBIAN_ORDERS
-    ]
-    return Group("jacobian", spec, "forward", against, cases, extra={"cost_estimate": costs})
 
 
 # ---- gradcheck --------------------------------------------------------------------

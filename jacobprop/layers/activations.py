@@ -69,6 +69,20 @@ class Elementwise(Layer):
     def _jacobian(self, cache):
         return DiagonalJacobian(self._derivative(cache))
 
+    def _second_derivative(self, cache):
+        """`f''(x)` with the shape of `x`, or None where f is piecewise linear."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not state its second derivative "
+            "(`_second_derivative`), which exact Hessian products need"
+        )
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        # d/de [g * f'(x + e v)] = g * f''(x) * v
+        if v is None or not need_input:
+            return None, {}
+        second = self._second_derivative(cache)
+        return (None if second is None else g * second * v), {}
+
 
 @register_layer
 class Identity(Layer):
@@ -94,6 +108,9 @@ class Identity(Layer):
         x = cache.x
         return IdentityJacobian(x.shape[0], x.shape[1], x.dtype)
 
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        return None, {}  # linear
+
 
 @register_layer
 class ReLU(Elementwise):
@@ -117,6 +134,9 @@ class ReLU(Elementwise):
     def _vjp(self, cache, g, need_input):
         # Multiplying by the boolean mask skips the float cast of the derivative.
         return (g * (cache.x > 0) if need_input else None), {}
+
+    def _second_derivative(self, cache):
+        return None  # zero away from the kink
 
 
 @register_layer
@@ -159,6 +179,9 @@ class LeakyReLU(Elementwise):
         x = cache.x
         return np.where(x > 0, 1.0, self.alpha).astype(x.dtype)
 
+    def _second_derivative(self, cache):
+        return None  # zero away from the kink
+
 
 @register_layer
 class Sigmoid(Elementwise):
@@ -178,6 +201,12 @@ class Sigmoid(Elementwise):
     def _derivative(self, cache):
         x = cache.x
         return expit(x) * expit(-x)
+
+    def _second_derivative(self, cache):
+        # y' (1 - 2y), with 1 - 2 sigmoid(x) = sigmoid(-x) - sigmoid(x) (no cancellation
+        # of a rounded y near 1)
+        up, down = expit(cache.x), expit(-cache.x)
+        return up * down * (down - up)
 
 
 @register_layer
@@ -203,6 +232,10 @@ class Tanh(Elementwise):
         derivative *= 4
         return derivative
 
+    def _second_derivative(self, cache):
+        # d/dx (1 - y^2) = -2 y (1 - y^2)
+        return -2 * np.tanh(cache.x) * self._derivative(cache)
+
 
 @register_layer
 class Softplus(Elementwise):
@@ -220,6 +253,9 @@ class Softplus(Elementwise):
 
     def _derivative(self, cache):
         return expit(cache.x)
+
+    def _second_derivative(self, cache):
+        return expit(cache.x) * expit(-cache.x)
 
 
 @register_layer
@@ -247,6 +283,16 @@ class Softmax(Layer):
 
     def _jacobian(self, cache):
         return SoftmaxJacobian(cache.y)
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        # vjp = s * (g - <g, s>); moving x along v moves s by r = s * (v - <v, s>),
+        # so with g fixed: r * (g - <g, s>) - s <g, r>.
+        if v is None or not need_input:
+            return None, {}
+        s = cache.y
+        r = softmax_block_product(s, v)
+        return (r * (g - np.einsum("bn,bn->b", g, s)[:, None])
+                - s * np.einsum("bn,bn->b", g, r)[:, None]), {}
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

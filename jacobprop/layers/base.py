@@ -267,6 +267,69 @@ class Layer:
         output by `c M[:, cols[g]]` instead of calling the forward pass.
         """
         return None
+    # ---- hooks for per-sample derivatives (jacobprop.derivatives) -------------
+    def _input_vjp(self, cache, g) -> np.ndarray:
+        """`g @ dy/dx` `(B, n)` alone: the vjp without the summed parameter gradients."""
+        if self.params:
+            return self._call_jacobian(cache)._call_vjp(g)
+        return self._call_vjp(cache, g, True)[0]
+
+    def _per_sample_grads(self, cache, g) -> dict[str, np.ndarray]:
+        """`{name: (B, *p.shape)}`, row i `g_i @ dy_i/dvec(p)`: the vjp not summed over i.
+
+        This default goes through the parameter Jacobians; layers override it
+        with the direct formula (Dense: the outer products `g_i x_i^T`).
+        """
+        batch = g.shape[0]
+        return {
+            name: op._call_vjp(g).reshape((batch, *self.params[name].shape))
+            for name, op in self._call_param_jacobians(cache).items()
+        }
+
+    def _per_sample_sq_norms(self, cache, g) -> np.ndarray | None:
+        """`(B,)`: `sum_p ||g_i @ dy_i/dvec(p)||^2` without forming the rows; None if no params.
+
+        The default asks each parameter Jacobian (`Jacobian._vjp_sq_norms`).
+        """
+        total = None
+        for op in self._call_param_jacobians(cache).values():
+            norms = op._vjp_sq_norms(g)
+            total = norms if total is None else total + norms
+        return total
+
+    # ---- hooks for curvature (jacobprop.derivatives) --------------------------
+    def _param_jvp(self, cache, tangents: dict[str, np.ndarray]) -> np.ndarray | None:
+        """`sum_p dy/dvec(p) vec(tangents[p])` `(B, m)`: how y moves with the parameters.
+
+        `tangents` maps each parameter name to an array of its shape (the same
+        direction for every sample). None for a parameter-free layer. This
+        default goes through the parameter Jacobians; layers override it with
+        the direct formula (Dense: `x @ dW^T + db`).
+        """
+        total = None
+        for name, op in self._call_param_jacobians(cache).items():
+            direction = np.reshape(tangents[name], -1)
+            moved = op._call_jvp(np.broadcast_to(direction, (op.batch_size, direction.size)))
+            total = moved if total is None else total + moved
+        return total
+
+    def _second_vjp(self, cache, g, v, tangents, need_input: bool = True):
+        """The second-derivative term of the R-operator (exact Hessian products).
+
+        With `g` `(B, m)` the covector at this layer's output, `v` `(B, n)` the
+        tangent of its input (None means zero) and `tangents` the parameter
+        direction (name -> array of the parameter's shape), return
+        `(d/de [g @ dy/dx](x + e v, p + e t), {name: d/de [sum_i g_i dy_i/dp]})`
+        with `g` held fixed: the part of the differentiated vjp that is not
+        the vjp of a new covector. `None` / missing keys mean zero;
+        `need_input=False` (the first layer) lets the input part be skipped. A
+        layer without it cannot take part in `jp.hessian` (the GGN does not
+        need it).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not state its second derivative (`_second_vjp`), "
+            "which exact Hessian products need; jp.ggn works without it"
+        )
 
     # ---- validation ----------------------------------------------------------
     @property

@@ -110,6 +110,37 @@ class Dense(Layer):
     def _jacobian(self, cache):
         return SharedJacobian(self.params["W"], cache.x.shape[0])
 
+    def _input_vjp(self, cache, g):
+        return g @ self.params["W"]
+
+    def _per_sample_grads(self, cache, g):
+        # dL_i/dW = g_i x_i^T: one einsum, never a loop over samples
+        grads = {"W": np.einsum("bi,bj->bij", g, cache.x)}
+        if self.bias:
+            grads["b"] = g.copy()  # its own array: `g` may be handed on unchanged
+        return grads
+
+    def _per_sample_sq_norms(self, cache, g):
+        # ||g_i x_i^T||_F^2 = ||g_i||^2 ||x_i||^2, and ||g_i||^2 for the bias
+        g_sq = np.einsum("bi,bi->b", g, g)
+        total = g_sq * np.einsum("bj,bj->b", cache.x, cache.x)
+        if self.bias:
+            total += g_sq
+        return total
+
+    def _param_jvp(self, cache, tangents):
+        # dy = x dW^T + db
+        moved = cache.x @ tangents["W"].T
+        if self.bias:
+            moved += tangents["b"]
+        return moved
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        # The vjp is bilinear: g W (input) and g^T x (weight); its derivative
+        # with g fixed is g dW and g^T v. The bias gradient sum_i g_i is constant.
+        own = {} if v is None else {"W": g.T @ v}
+        return (g @ tangents["W"] if need_input else None), own
+
     def _param_jacobians(self, cache):
         batch = cache.x.shape[0]
         identity = IdentityJacobian(batch, self.out_features, self.params["W"].dtype)
