@@ -139,39 +139,27 @@ def least_squares(net: Sequential, X, T, method: str = "lm", **options):
 def residual_jacobian(net: Sequential, cache, *, operator: bool = False):
     """`d vec(y)/d theta` `(B*m, P)` at a forward `cache`, dense or as a LinearOperator.
 
-    Assembled from `net._call_param_jacobians(cache)` (one `(B, m, p.size)`
-    operator per key, in `params` order); `net.param_jacobian(x)`, when it
-    lands, gives the same `(B, m, P)` operator in one call.
+    The rows of `net.param_jacobian` (`jacobprop.derivatives.ParamJacobian`,
+    one structured block per parameter in `params` order) stacked over the
+    batch: row `i*m + j` is `dy_ij/dtheta`.
     """
     from scipy.sparse.linalg import LinearOperator
 
-    flat = FlatParams(net.params)
-    blocks = net._call_param_jacobians(cache)
-    batch, m = cache.y.shape
+    from .derivatives import ParamJacobian
+
+    jac = ParamJacobian(net._param_jacobians(cache))
+    batch, m, size = jac.shape
     if not operator:
-        dense = np.empty((batch, m, flat.size), dtype=np.float64)
-        for slot in flat.slots:
-            dense[:, :, slot.start:slot.stop] = blocks[slot.key].to_dense()
-        return dense.reshape(batch * m, flat.size)
+        return jac.to_dense().reshape(batch * m, size)
 
     def matvec(v):
         # The same parameter direction for every sample: broadcast it over the batch.
-        v = np.ravel(v)
-        out = np.zeros((batch, m), dtype=np.float64)
-        for slot in flat.slots:
-            piece = np.broadcast_to(v[slot.start:slot.stop], (batch, slot.stop - slot.start))
-            out += blocks[slot.key]._call_jvp(piece)
-        return out.reshape(-1)
+        return jac._call_jvp(np.broadcast_to(np.ravel(v), (batch, size))).reshape(-1)
 
     def rmatvec(u):
-        u = np.reshape(u, (batch, m))
-        out = np.empty(flat.size, dtype=np.float64)
-        for slot in flat.slots:
-            out[slot.start:slot.stop] = blocks[slot.key]._sum_vjp(u)
-        return out
+        return jac._sum_vjp(np.reshape(u, (batch, m)))
 
-    return LinearOperator((batch * m, flat.size), matvec=matvec, rmatvec=rmatvec,
-                          dtype=np.float64)
+    return LinearOperator((batch * m, size), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
 
 
 class _Problem:
