@@ -171,6 +171,11 @@ class Loss:
     def _value_and_grad(self, y, t):
         raise NotImplementedError
 
+    def _accuracy(self, y, t) -> float | None:
+        """Fraction of samples the outputs classify right (validated `y`, `t`), or None
+        for a loss that is not a classification loss. `fit` reports it per epoch."""
+        return None
+
     def _hessian_product(self, y, t, v):
         """`d^2 L/dy^2 v` for `v` `(B, m)`, reduction weight included (curvature products).
 
@@ -333,6 +338,10 @@ class SoftmaxCrossEntropy(Loss):
         shifted, exps = stable_exp_shifted(y)
         return self._cross_entropies(shifted, np.log(np.add.reduce(exps, axis=1)), t)
 
+    def _accuracy(self, y, t):
+        labels = t if t.ndim == 1 else np.argmax(t, axis=1)
+        return float(np.mean(np.argmax(y, axis=1) == labels))
+
     def _value_and_grad(self, y, t):
         batch = y.shape[0]
         shifted, probabilities = stable_exp_shifted(y)
@@ -392,6 +401,10 @@ class BinaryCrossEntropy(Loss):
 
     def _per_sample(self, y, t):
         return self._entries(y, t).mean(axis=1)
+
+    def _accuracy(self, y, t):
+        # A logit above 0 predicts the positive class; soft targets count by 0.5.
+        return float(np.mean((y > 0) == (t > 0.5)))
 
     def _value_and_grad(self, y, t):
         batch, m = y.shape

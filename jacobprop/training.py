@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ShapeError
-from .losses import BinaryCrossEntropy, Loss, SoftmaxCrossEntropy
+from .losses import Loss
 from .network import Sequential
 from .optim import Optimizer
 
@@ -490,16 +490,7 @@ def _evaluate(net, loss, X, T) -> tuple[float, float | None]:
     """Loss (and accuracy for classification losses) on the whole set, eval mode."""
     y = net._call_forward(X)[0]
     value = loss._call_value(y, T)
-    return value, _accuracy(loss, y, T)
-
-
-def _accuracy(loss, y, t) -> float | None:
-    if isinstance(loss, SoftmaxCrossEntropy):
-        labels = t if t.ndim == 1 else np.argmax(t, axis=1)
-        return float(np.mean(np.argmax(y, axis=1) == labels))
-    if isinstance(loss, BinaryCrossEntropy):
-        return float(np.mean((y > 0) == (t > 0.5)))
-    return None
+    return value, loss._accuracy(y, T)
 
 
 def _as_callback(callback) -> Callback:

@@ -162,3 +162,17 @@ def test_separable_flag_tells_whether_reduce_is_linear(name, rng):
     a, b = rng.uniform(0.5, 2.0, 6), rng.uniform(0.5, 2.0, 6)
     linear = np.isclose(loss.reduce(a + b), loss.reduce(a) + loss.reduce(b), rtol=1e-12)
     assert linear == loss.separable
+
+
+def test_classification_losses_report_accuracy_and_regression_losses_do_not():
+    y = np.array([[2.0, -1.0], [0.5, 3.0], [-4.0, -2.0]])
+    # argmax: 0, 1, 1 against labels 0, 0, 1 (and the same as probability rows)
+    ce = jp.SoftmaxCrossEntropy()
+    assert ce._accuracy(y, np.array([0, 0, 1])) == pytest.approx(2 / 3)
+    assert ce._accuracy(y, np.eye(2)[[0, 0, 1]]) == pytest.approx(2 / 3)
+    # logit > 0 predicts 1: [1, 0], [1, 1], [0, 0] against [1, 1], [0, 1], [0, 1]
+    bce = jp.BinaryCrossEntropy()
+    t = np.array([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    assert bce._accuracy(y, t) == pytest.approx(3 / 6)
+    assert jp.MSE()._accuracy(y, y) is None
+    assert jp.RMSE()._accuracy(y, y) is None
