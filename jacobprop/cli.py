@@ -395,7 +395,7 @@ def _print_suites(stdout) -> None:
 _EXPLAIN_EPILOG = """\
 SPEC is a stack in one word: integers are widths (a Dense layer between two
 consecutive ones), names are parameter-free layers from jacobprop.LAYERS.
-A saved model (.npz) works when this jacobprop has save/load (jacobprop.io).
+A model saved by jp.save (.npz) works too.
 
 examples:
   jacobprop explain 4-16-relu-3 --loss ce --batch 2     the backward pass of a loss
@@ -530,20 +530,15 @@ def network_from_spec(spec: str, *, rng):
 
 
 def _load_network(path: str):
-    """A saved model, through `jacobprop.io` when this installation has it."""
-    from importlib.util import find_spec
-
+    """A model saved by `jp.save`."""
     where = "jacobprop explain"
-    if find_spec("jacobprop.io") is None:
-        raise UsageError(f"{where}: {path!r} is a saved model, but this jacobprop has no "
-                         "save/load (jacobprop.io); give a SPEC such as 4-16-relu-3")
     if not Path(path).is_file():
         raise UsageError(f"{where}: no such file {path!r}")
     from . import io
 
     try:
         return io.load(path)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError) as error:  # ModelFileError is a ValueError
         raise UsageError(f"{where}: cannot load {path!r}: {error}") from None
 
 
