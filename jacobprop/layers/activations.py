@@ -258,6 +258,16 @@ def softmax(x: np.ndarray) -> np.ndarray:
 _INV_SQRT_2PI = 1 / np.sqrt(2 * np.pi)
 
 
+def _exp_nonpositive(z: np.ndarray) -> np.ndarray:
+    """`exp(z)` for `z <= 0`: values below the smallest normal become exact zeros (the
+    right answer) instead of raising under a caller's `np.errstate(all="raise")`."""
+    try:
+        return np.exp(z)
+    except FloatingPointError:
+        with np.errstate(under="ignore"):
+            return np.exp(z)
+
+
 @register_layer
 class GELU(Elementwise):
     """`y = x Phi(x)`, Phi the standard normal CDF (exact, with erf: PyTorch's default).
@@ -274,7 +284,8 @@ class GELU(Elementwise):
 
     def _derivative(self, cache):
         x = cache.x
-        return ndtr(x) + x * (np.exp(-0.5 * x * x) * x.dtype.type(_INV_SQRT_2PI))
+        density = _exp_nonpositive(-0.5 * x * x) * x.dtype.type(_INV_SQRT_2PI)
+        return ndtr(x) + x * density
 
 
 @register_layer
@@ -336,4 +347,4 @@ class ELU(Elementwise):
 
     def _derivative(self, cache):
         x = cache.x
-        return np.where(x > 0, 1, x.dtype.type(self.alpha) * np.exp(np.minimum(x, 0)))
+        return np.where(x > 0, 1, x.dtype.type(self.alpha) * _exp_nonpositive(np.minimum(x, 0)))

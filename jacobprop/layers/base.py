@@ -43,6 +43,10 @@ class Layer:
         Input values at which an elementwise layer's derivative jumps (ReLU:
         `(0.0,)`). Finite-difference checks accept any slope between the
         one-sided ones there, and the test strategies keep inputs away.
+    tie_kinks : bool
+        The derivative jumps where two inputs are equal (MaxPool2D's ties);
+        such a layer has a `tie_gaps(x)` method, and test inputs keep the
+        gaps clear.
     saturation : float or None
         Beyond `|x| > saturation` the derivative is negligibly small, so
         relative finite-difference errors mean nothing; strategies stay inside.
@@ -51,6 +55,9 @@ class Layer:
     """
 
     kinks: ClassVar[tuple[float, ...]] = ()
+    #: The derivative jumps where two inputs tie (MaxPool2D: two maxima in a window),
+    #: a kink no single input value describes; `tie_gaps(x)` on such a layer measures it.
+    tie_kinks: ClassVar[bool] = False
     saturation: ClassVar[float | None] = None
     elementwise: ClassVar[bool] = False
     #: Train or eval mode (`Sequential.train()` / `.eval()` set it on every

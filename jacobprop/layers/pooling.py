@@ -103,6 +103,8 @@ class MaxPool2D(_Pool2D):
     must keep it clear (distinct entries, as random draws are).
     """
 
+    tie_kinks = True
+
     def tie_gaps(self, x) -> np.ndarray:
         """`(B, m)`: for each window, its largest entry minus its second largest (inf for 1x1)."""
         x = self._check_input(x)
