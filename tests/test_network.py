@@ -6,7 +6,6 @@ import pytest
 import jacobprop as jp
 
 
-
 def _width_agnostic_without_params(name):
     layer = jp.LAYERS[name].example(4, rng=np.random.default_rng(0))
     return layer.input_dim is None and not layer.params
