@@ -698,7 +698,7 @@ class BatchNormJacobian(CoupledJacobian):
     """
 
     def __init__(self, scale, normalized):
-        self.scale = _array_of_layout(scale, "BatchNormJacobian", "scale", "(k,)")
+        self.scale = _array_of_layout(scale, "BatchNormJacobian", "scale", "(k)")
         self.normalized = _array_of_layout(normalized, "BatchNormJacobian", "normalized",
                                            "(B, k)")
         batch, k = self.normalized.shape
