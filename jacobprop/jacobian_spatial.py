@@ -105,7 +105,8 @@ class ConvGeometry(NamedTuple):
             image = np.pad(image, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
         windows = sliding_window_view(image, self.kernel, axis=(2, 3))[:, :, ::sh, ::sw]
         # (B, C, Ho, Wo, kh, kw) -> (B, Ho, Wo, C, kh, kw): the one copy of im2col.
-        return windows.transpose(0, 2, 3, 1, 4, 5).reshape(batch * self.positions, -1)
+        columns = channels * self.kernel[0] * self.kernel[1]
+        return windows.transpose(0, 2, 3, 1, 4, 5).reshape(batch * self.positions, columns)
 
     def fold(self, columns: np.ndarray, batch: int) -> np.ndarray:
         """col2im, the adjoint of `patches`: `(B * L, C*kh*kw)` summed back into `(B, C*H*W)`."""
@@ -122,19 +123,22 @@ class ConvGeometry(NamedTuple):
                 )
         if ph or pw:
             image = image[:, :, ph:ph + height, pw:pw + width]
-        return image.reshape(batch, -1)
+        return image.reshape(batch, self.in_dim)
 
 
 def channels_last(values: np.ndarray, channels: int) -> np.ndarray:
     """`(B, O*L)` channel-major outputs as the `(B * L, O)` rows the patches GEMM uses."""
-    batch = values.shape[0]
-    return values.reshape(batch, channels, -1).transpose(0, 2, 1).reshape(-1, channels)
+    batch, size = values.shape
+    positions = size // channels
+    return values.reshape(batch, channels, positions).transpose(0, 2, 1).reshape(
+        batch * positions, channels)
 
 
-def channels_first(rows: np.ndarray, batch: int) -> np.ndarray:
+def channels_first(rows: np.ndarray, batch: int, positions: int) -> np.ndarray:
     """The inverse of `channels_last`: `(B * L, O)` -> `(B, O*L)`."""
     channels = rows.shape[1]
-    return rows.reshape(batch, -1, channels).transpose(0, 2, 1).reshape(batch, -1)
+    return rows.reshape(batch, positions, channels).transpose(0, 2, 1).reshape(
+        batch, channels * positions)
 
 
 class ConvJacobian(Jacobian):
@@ -170,7 +174,7 @@ class ConvJacobian(Jacobian):
 
     def _jvp(self, v):
         rows = self.geometry.patches(v) @ self._matrix_w.T
-        return channels_first(rows, v.shape[0])
+        return channels_first(rows, v.shape[0], self.geometry.positions)
 
     def _vjp(self, g):
         columns = channels_last(g, self.weight.shape[0]) @ self._matrix_w
@@ -198,13 +202,13 @@ class ConvJacobian(Jacobian):
             return self._jvp(right.T).T
         batch, n, k = right.shape
         out = self._jvp(right.swapaxes(1, 2).reshape(batch * k, n))
-        return out.reshape(batch, k, -1).swapaxes(1, 2)
+        return out.reshape(batch, k, self.out_dim).swapaxes(1, 2)
 
     def _rapply(self, left):
         if left.ndim == 2:
             return self._vjp(left)
         batch, k, m = left.shape
-        return self._vjp(left.reshape(batch * k, m)).reshape(batch, k, -1)
+        return self._vjp(left.reshape(batch * k, m)).reshape(batch, k, self.in_dim)
 
     def _scale(self, scalar):
         return ConvJacobian(scalar * self.weight, self.geometry, self.batch_size)
@@ -262,12 +266,16 @@ class PatchesJacobian(Jacobian):
     @property
     def _per_sample(self) -> np.ndarray:
         """The patches as `(B, L, q)`."""
-        return self.patches.reshape(self.batch_size, -1, self.patches.shape[1])
+        return self.patches.reshape(self.batch_size, self._positions, self.patches.shape[1])
+
+    @property
+    def _positions(self) -> int:
+        return self.left.in_dim // self.out_channels
 
     def _vjp(self, g):
         batch = self.batch_size
-        u = self.left._call_vjp(g).reshape(batch, self.out_channels, -1)
-        return (u @ self._per_sample).reshape(batch, -1)
+        u = self.left._call_vjp(g).reshape(batch, self.out_channels, self._positions)
+        return (u @ self._per_sample).reshape(batch, self.in_dim)
 
     def _sum_vjp(self, g):
         rows = channels_last(self.left._call_vjp(g), self.out_channels)
@@ -275,12 +283,13 @@ class PatchesJacobian(Jacobian):
 
     def _jvp(self, v):
         batch = self.batch_size
-        values = v.reshape(batch, self.out_channels, -1) @ self._per_sample.swapaxes(1, 2)
-        return self.left._call_jvp(values.reshape(batch, -1))
+        weights = v.reshape(batch, self.out_channels, self.patches.shape[1])
+        values = weights @ self._per_sample.swapaxes(1, 2)
+        return self.left._call_jvp(values.reshape(batch, self.left.in_dim))
 
     def _left_blocks(self) -> np.ndarray:
         batch, k, _ = self.left.shape
-        return self.left._dense_view().reshape(batch, k, self.out_channels, -1)
+        return self.left._dense_view().reshape(batch, k, self.out_channels, self._positions)
 
     def _to_dense(self):
         dense = np.einsum("bkol,blq->bkoq", self._left_blocks(), self._per_sample)

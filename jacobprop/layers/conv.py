@@ -161,7 +161,7 @@ class Conv2D(SpatialLayer):
         rows = patches @ self._matrix_w().T
         if self.bias:
             rows += self.params["b"]
-        return channels_first(rows, x.shape[0]), ConvCache(x, patches)
+        return channels_first(rows, x.shape[0], self.geometry.positions), ConvCache(x, patches)
 
     def _vjp(self, cache, g, need_input):
         rows = channels_last(g, self.out_channels)  # (B*L, O)
@@ -174,7 +174,8 @@ class Conv2D(SpatialLayer):
         return gx, grads
 
     def _jvp(self, cache, v):
-        return channels_first(self.geometry.patches(v) @ self._matrix_w().T, v.shape[0])
+        rows = self.geometry.patches(v) @ self._matrix_w().T
+        return channels_first(rows, v.shape[0], self.geometry.positions)
 
     def _jacobian(self, cache):
         return ConvJacobian(self.params["W"], self.geometry, cache.x.shape[0])
