@@ -31,6 +31,8 @@ examples:
   jacobprop bench grad --activation Tanh --dtype float32 --against torch,jax
   jacobprop bench jacobian --batch 8 --width 64,256 --depth 3
   jacobprop bench gradcheck --batch 8 --width 64 --depth 3 --in-features 32 --against torch
+  jacobprop bench cnn --against torch,jax  the CNN workload (NumPy im2col baseline, peers)
+  jacobprop bench cnn --digits             train a CNN on scikit-learn's digits, 3 seeds
   jacobprop bench --print-schema           the JSON schema of --json output
 
 exit codes: 0 done; 1 a benchmarked path raised an error; 2 bad usage.
@@ -242,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="input width (default: the hidden width)")
         grid.add_argument("--classes", type=_positive_int, default=10, metavar="N",
                           help="output width / softmax classes (default 10)")
+    from .bench.cnn import add_parser as add_cnn_parser
+
+    add_cnn_parser(workloads, [_common_options(suppress=True)])
     return parser
 
 
@@ -395,6 +400,10 @@ def main(argv=None) -> int:
         if args.list_suites:
             _print_suites(sys.stdout)
             return EXIT_OK
+        if getattr(args, "workload", None) == "cnn":
+            from .bench.cnn import main_cnn
+
+            return main_cnn(args)
         plan, output = plan_from_args(args, argv)
     except UsageError as error:
         print(f"{error} (see --help)", file=sys.stderr)
