@@ -68,9 +68,10 @@ __all__ = [
 class ConvGeometry(NamedTuple):
     """Sizes of one 2-D cross-correlation: input `(C, H, W)`, kernel, stride, zero padding.
 
-    The patches layout (im2col) is `(B * L, C * kh * kw)`, row `b * L + p` for
-    output position `p = ho * Wo + wo`, column `c * kh * kw + i * kw + j`
-    (C-order of the kernel `W[o, c, i, j]`), so `y = P @ W.reshape(O, -1).T`.
+    The im2col layout is columns: `(C*kh*kw, B*L)`, row `c*kh*kw + i*kw + j`
+    (C-order of the kernel `W[o, c, i, j]`), column `b*L + p` for output
+    position `p = ho*Wo + wo`. Then `y_rows = W_mat @ columns` `(O, B*L)` is
+    one GEMM, and the copy that builds the columns reads whole image rows.
     """
 
     input_shape: tuple[int, int, int]
@@ -95,49 +96,49 @@ class ConvGeometry(NamedTuple):
         channels, height, width = self.input_shape
         return channels * height * width
 
-    def patches(self, x: np.ndarray) -> np.ndarray:
-        """im2col of `x` `(B, C*H*W)`: a new `(B * L, C * kh * kw)` array."""
+    def columns(self, x: np.ndarray) -> np.ndarray:
+        """im2col of `x` `(B, C*H*W)`: a new `(C*kh*kw, B*L)` array."""
         batch = x.shape[0]
         channels, height, width = self.input_shape
-        (ph, pw), (sh, sw) = self.padding, self.stride
+        (kh, kw), (ph, pw), (sh, sw) = self.kernel, self.padding, self.stride
         image = x.reshape(batch, channels, height, width)
         if ph or pw:
             image = np.pad(image, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
         windows = sliding_window_view(image, self.kernel, axis=(2, 3))[:, :, ::sh, ::sw]
-        # (B, C, Ho, Wo, kh, kw) -> (B, Ho, Wo, C, kh, kw): the one copy of im2col.
-        columns = channels * self.kernel[0] * self.kernel[1]
-        return windows.transpose(0, 2, 3, 1, 4, 5).reshape(batch * self.positions, columns)
+        # (B, C, Ho, Wo, kh, kw) -> (C, kh, kw, B, Ho, Wo): the one copy of im2col.
+        return windows.transpose(1, 4, 5, 0, 2, 3).reshape(channels * kh * kw,
+                                                          batch * self.positions)
 
     def fold(self, columns: np.ndarray, batch: int) -> np.ndarray:
-        """col2im, the adjoint of `patches`: `(B * L, C*kh*kw)` summed back into `(B, C*H*W)`."""
+        """col2im, the adjoint of `columns`: `(C*kh*kw, B*L)` summed into `(B, C*H*W)`."""
         channels, height, width = self.input_shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
         ho, wo = self.output_hw
-        blocks = columns.reshape(batch, ho, wo, channels, kh, kw)
-        image = np.zeros((batch, channels, height + 2 * ph, width + 2 * pw), columns.dtype)
-        # One strided add per kernel offset: each offset maps positions one to one.
+        blocks = columns.reshape(channels, kh, kw, batch, ho, wo)
+        image = np.zeros((channels, batch, height + 2 * ph, width + 2 * pw), columns.dtype)
+        # One strided add of a contiguous slab per kernel offset: each offset maps
+        # positions to pixels one to one.
         for i in range(kh):
             for j in range(kw):
                 image[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] += (
-                    blocks[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+                    blocks[:, i, j]
                 )
-        if ph or pw:
-            image = image[:, :, ph:ph + height, pw:pw + width]
-        return image.reshape(batch, self.in_dim)
+        image = image[:, :, ph:ph + height, pw:pw + width]
+        return image.transpose(1, 0, 2, 3).reshape(batch, self.in_dim)
 
 
-def channels_last(values: np.ndarray, channels: int) -> np.ndarray:
-    """`(B, O*L)` channel-major outputs as the `(B * L, O)` rows the patches GEMM uses."""
+def channel_rows(values: np.ndarray, channels: int) -> np.ndarray:
+    """`(B, O*L)` channel-major outputs as the `(O, B*L)` rows the columns GEMM uses."""
     batch, size = values.shape
     positions = size // channels
-    return values.reshape(batch, channels, positions).transpose(0, 2, 1).reshape(
-        batch * positions, channels)
+    return values.reshape(batch, channels, positions).transpose(1, 0, 2).reshape(
+        channels, batch * positions)
 
 
-def channels_first(rows: np.ndarray, batch: int, positions: int) -> np.ndarray:
-    """The inverse of `channels_last`: `(B * L, O)` -> `(B, O*L)`."""
-    channels = rows.shape[1]
-    return rows.reshape(batch, positions, channels).transpose(0, 2, 1).reshape(
+def from_channel_rows(rows: np.ndarray, batch: int, positions: int) -> np.ndarray:
+    """The inverse of `channel_rows`: `(O, B*L)` -> `(B, O*L)`."""
+    channels = rows.shape[0]
+    return rows.reshape(channels, batch, positions).transpose(1, 0, 2).reshape(
         batch, channels * positions)
 
 
@@ -153,7 +154,7 @@ class ConvJacobian(Jacobian):
     Notes
     -----
     `jvp(v) = conv(v, W)` (the forward without bias) and `vjp(g) =
-    col2im(g_rows @ W_mat)`, the transposed convolution; each costs
+    col2im(W_mat^T @ g_rows)`, the transposed convolution; each costs
     `2 B L O C kh kw` flops, against `2 B O L C H W` for the dense block. The
     matrix itself is formed only by `to_dense` / `to_sparse`, by convolving
     the identity.
@@ -173,12 +174,12 @@ class ConvJacobian(Jacobian):
         return self.weight.reshape(self.weight.shape[0], -1)
 
     def _jvp(self, v):
-        rows = self.geometry.patches(v) @ self._matrix_w.T
-        return channels_first(rows, v.shape[0], self.geometry.positions)
+        rows = self._matrix_w @ self.geometry.columns(v)
+        return from_channel_rows(rows, v.shape[0], self.geometry.positions)
 
     def _vjp(self, g):
-        columns = channels_last(g, self.weight.shape[0]) @ self._matrix_w
-        return self.geometry.fold(columns, g.shape[0])
+        rows = channel_rows(g, self.weight.shape[0])
+        return self.geometry.fold(self._matrix_w.T @ rows, g.shape[0])
 
     def _matrix(self) -> np.ndarray:
         """The shared `(m, n)` block: the convolution of every unit input."""
@@ -226,9 +227,9 @@ class PatchesJacobian(Jacobian):
     left : Jacobian `(B, k, O*L)`
         What acts on the convolution's output (`IdentityJacobian` for the
         layer's own Jacobian; the covector after composition).
-    patches : ndarray `(B * L, q)`
-        The im2col rows (`q = C*kh*kw` for the weight; a column of ones,
-        broadcast without memory, for the bias).
+    columns : ndarray `(q, B*L)`
+        The im2col columns (`q = C*kh*kw` for the weight; a row of ones,
+        broadcast without memory, for the bias); `P_i = columns[:, i*L:(i+1)*L].T`.
     out_channels : int
         O.
 
@@ -236,55 +237,59 @@ class PatchesJacobian(Jacobian):
     -----
     `y_i[o, p] = sum_c W[o, c] P_i[p, c]`, so `dy_i/dvec(W) = I_O kron P_i`
     `(O*L, O*q)`. `vjp(g)_i = vec(G_i P_i)` with `G_i = (g_i L_i)` reshaped
-    `(O, L)`; `sum_vjp(g) = vec(G_rows^T P)` is ONE GEMM over all B*L rows
-    (`2 B L O q` flops), which is the explicit mode's `dL/dW`; `jvp(vec V)_i
-    = L_i vec(V P_i^T)`. Left-multiplying keeps the form, as
+    `(O, L)`; `sum_vjp(g) = vec(G_rows columns^T)` is ONE GEMM over all B*L
+    positions (`2 B L O q` flops), which is the explicit mode's `dL/dW`;
+    `jvp(vec V)_i = L_i vec(V P_i^T)`. Left-multiplying keeps the form, as
     `KroneckerJacobian` does for Dense.
     """
 
     kind = "patches"
 
-    def __init__(self, left: Jacobian, patches, out_channels: int):
+    def __init__(self, left: Jacobian, columns, out_channels: int):
         if not isinstance(left, Jacobian):
             raise TypeError(
                 f"PatchesJacobian: `left` must be a Jacobian, got {type(left).__name__}"
             )
-        patches = _array_of_layout(patches, "PatchesJacobian", "patches", "(B * L, q)")
+        columns = _array_of_layout(columns, "PatchesJacobian", "columns", "(q, B * L)")
         batch, k, inner = left.shape
-        if inner % out_channels or patches.shape[0] != batch * (inner // out_channels):
+        if inner % out_channels or columns.shape[1] != batch * (inner // out_channels):
             raise ShapeError(
-                f"PatchesJacobian: `patches` must have B * L = {batch} * "
-                f"{inner // max(out_channels, 1)} rows for `left` of shape {left.shape} and "
-                f"{out_channels} channels, got shape {patches.shape}"
+                f"PatchesJacobian: `columns` must have B * L = {batch} * "
+                f"{inner // max(out_channels, 1)} columns for `left` of shape {left.shape} "
+                f"and {out_channels} channels, got shape {columns.shape}"
             )
         self.left = left
-        self.patches = patches
+        self.columns = columns
         self.out_channels = int(out_channels)
-        self.shape = (batch, k, self.out_channels * patches.shape[1])
-        self.dtype = np.result_type(left.dtype, patches.dtype)
-
-    @property
-    def _per_sample(self) -> np.ndarray:
-        """The patches as `(B, L, q)`."""
-        return self.patches.reshape(self.batch_size, self._positions, self.patches.shape[1])
+        self.shape = (batch, k, self.out_channels * columns.shape[0])
+        self.dtype = np.result_type(left.dtype, columns.dtype)
 
     @property
     def _positions(self) -> int:
         return self.left.in_dim // self.out_channels
 
+    @property
+    def _per_sample(self) -> np.ndarray:
+        """The columns as `(q, B, L)`."""
+        return self.columns.reshape(-1, self.batch_size, self._positions)
+
+    def _left_values(self, g) -> np.ndarray:
+        return self.left._call_vjp(g).reshape(self.batch_size, self.out_channels,
+                                              self._positions)
+
     def _vjp(self, g):
-        batch = self.batch_size
-        u = self.left._call_vjp(g).reshape(batch, self.out_channels, self._positions)
-        return (u @ self._per_sample).reshape(batch, self.in_dim)
+        u = self._left_values(g)  # (B, O, L)
+        return np.matmul(u, self._per_sample.transpose(1, 2, 0)).reshape(self.batch_size,
+                                                                         self.in_dim)
 
     def _sum_vjp(self, g):
-        rows = channels_last(self.left._call_vjp(g), self.out_channels)
-        return (rows.T @ self.patches).reshape(-1)
+        rows = channel_rows(self.left._call_vjp(g), self.out_channels)
+        return (rows @ self.columns.T).reshape(-1)
 
     def _jvp(self, v):
         batch = self.batch_size
-        weights = v.reshape(batch, self.out_channels, self.patches.shape[1])
-        values = weights @ self._per_sample.swapaxes(1, 2)
+        weights = v.reshape(batch, self.out_channels, self.columns.shape[0])
+        values = np.matmul(weights, self._per_sample.transpose(1, 0, 2))  # (B, O, L)
         return self.left._call_jvp(values.reshape(batch, self.left.in_dim))
 
     def _left_blocks(self) -> np.ndarray:
@@ -292,40 +297,41 @@ class PatchesJacobian(Jacobian):
         return self.left._dense_view().reshape(batch, k, self.out_channels, self._positions)
 
     def _to_dense(self):
-        dense = np.einsum("bkol,blq->bkoq", self._left_blocks(), self._per_sample)
+        dense = np.einsum("bkol,qbl->bkoq", self._left_blocks(), self._per_sample)
         return dense.reshape(self.shape)
 
     def _batch_sum(self):
         # Contract over samples and positions at once: one GEMM.
-        summed = np.tensordot(self._left_blocks(), self._per_sample, axes=([0, 3], [0, 1]))
+        summed = np.tensordot(self._left_blocks(), self._per_sample, axes=([0, 3], [1, 2]))
         return summed.reshape(self.out_dim, -1)
 
     def _transpose(self):
         return _TransposedJacobian(self)
 
     def _take(self, index):
-        per_sample = self._per_sample[index]
+        per_sample = self._per_sample[:, index, :]
         return PatchesJacobian(self.left._take(index),
-                               per_sample.reshape(-1, per_sample.shape[-1]), self.out_channels)
+                               per_sample.reshape(per_sample.shape[0], -1), self.out_channels)
 
     def _apply(self, right):
         batch = self.batch_size
         right = np.broadcast_to(right, (batch, *right.shape[-2:]))
-        blocks = right.reshape(batch, self.out_channels, self.patches.shape[1], -1)
-        values = np.einsum("blq,boqr->bolr", self._per_sample, blocks)
-        return self.left._apply(values.reshape(batch, -1, values.shape[-1]))
+        blocks = right.reshape(batch, self.out_channels, self.columns.shape[0], -1)
+        values = np.einsum("qbl,boqr->bolr", self._per_sample, blocks)
+        return self.left._apply(values.reshape(batch, self.left.in_dim, values.shape[-1]))
 
     def _rapply(self, left):
         reduced = self.left._rapply(left)
         batch, rows, _ = reduced.shape
-        reduced = reduced.reshape(batch, rows, self.out_channels, -1)
-        return np.einsum("brol,blq->broq", reduced, self._per_sample).reshape(batch, rows, -1)
+        reduced = reduced.reshape(batch, rows, self.out_channels, self._positions)
+        dense = np.einsum("brol,qbl->broq", reduced, self._per_sample)
+        return dense.reshape(batch, rows, self.in_dim)
 
     def _rmatmul(self, other):
-        return PatchesJacobian(_compose(other, self.left), self.patches, self.out_channels)
+        return PatchesJacobian(_compose(other, self.left), self.columns, self.out_channels)
 
     def _scale(self, scalar):
-        return PatchesJacobian(self.left._scale(scalar), self.patches, self.out_channels)
+        return PatchesJacobian(self.left._scale(scalar), self.columns, self.out_channels)
 
 
 # ---------------------------------------------------------------------------

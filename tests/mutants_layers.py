@@ -28,7 +28,7 @@ import numpy as np
 
 import jacobprop as jp
 from jacobprop.jacobian import DiagonalJacobian
-from jacobprop.jacobian_spatial import channels_last
+from jacobprop.jacobian_spatial import channel_rows
 
 
 class WrongWeightGradConv(jp.Conv2D):
@@ -36,8 +36,8 @@ class WrongWeightGradConv(jp.Conv2D):
 
     def _vjp(self, cache, g, need_input):
         gx, grads = super()._vjp(cache, g, need_input)
-        rows = channels_last(g, self.out_channels)[:, ::-1]
-        grads["W"] = (rows.T @ cache.patches).reshape(self.params["W"].shape)
+        rows = channel_rows(g, self.out_channels)[::-1]
+        grads["W"] = (rows @ cache.columns.T).reshape(self.params["W"].shape)
         return gx, grads
 
 

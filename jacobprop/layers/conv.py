@@ -11,8 +11,8 @@ from ..jacobian_spatial import (
     ConvGeometry,
     ConvJacobian,
     PatchesJacobian,
-    channels_first,
-    channels_last,
+    channel_rows,
+    from_channel_rows,
 )
 from .base import register_layer
 from .spatial import SpatialLayer, as_image_shape, pair
@@ -22,7 +22,7 @@ __all__ = ["Conv2D"]
 
 class ConvCache(NamedTuple):
     x: np.ndarray  # (B, C*H*W): the input
-    patches: np.ndarray  # (B*L, C*kh*kw): its im2col rows, which dL/dW needs
+    columns: np.ndarray  # (C*kh*kw, B*L): its im2col columns, which dL/dW needs
 
 
 def _positive_int(value, where: str, name: str) -> int:
@@ -60,17 +60,19 @@ class Conv2D(SpatialLayer):
     -----
     Shapes: `x` `(B, C*H*W)` (or `(B, C, H, W)`), `W` `(O, C, kh, kw)`, `b`
     `(O,)`, `y` `(B, O*Ho*Wo)` with `Ho = (H + 2 ph - kh) // sh + 1` (same for
-    W) and `L = Ho*Wo` positions. With the im2col patches `P` `(B*L, C kh kw)`
-    (one `sliding_window_view` copy), `y = P @ W_mat^T + b` is one GEMM.
+    W) and `L = Ho*Wo` positions. With the im2col columns `P` `(C kh kw, B*L)`
+    (one `sliding_window_view` copy), `y_rows = W_mat @ P + b` `(O, B*L)` is
+    one GEMM.
 
     - `dy_i/dx_i` is one Toeplitz-like `(O*L, C*H*W)` matrix shared by every
       sample (`ConvJacobian`): applied by correlation, formed only by
       `to_dense` / `to_sparse`;
-    - `dy_i/dvec(W) = I_O (kron) P_i` (`PatchesJacobian`), so
-      `dL/dW = G_rows^T P`, one GEMM over all `B*L` rows, as Dense's `G^T X`;
+    - `dy_i/dvec(W) = I_O (kron) P_i^T` (`PatchesJacobian`), so
+      `dL/dW = G_rows P^T`, one GEMM over all `B*L` positions, as Dense's
+      `G^T X` (`G_rows` `(O, B*L)` is `g` with its channels first);
     - `dy_i/db = I_O (kron) 1_L`.
 
-    So `dL/dx = col2im(G_rows @ W_mat)` (the transposed convolution).
+    So `dL/dx = col2im(W_mat^T G_rows)` (the transposed convolution).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, *, input_shape=None,
@@ -157,25 +159,25 @@ class Conv2D(SpatialLayer):
 
     # ---- forward, then its derivatives --------------------------------------
     def _forward(self, x):
-        patches = self.geometry.patches(x)
-        rows = patches @ self._matrix_w().T
+        columns = self.geometry.columns(x)
+        rows = self._matrix_w() @ columns  # (O, B*L)
         if self.bias:
-            rows += self.params["b"]
-        return channels_first(rows, x.shape[0], self.geometry.positions), ConvCache(x, patches)
+            rows += self.params["b"][:, None]
+        return from_channel_rows(rows, x.shape[0], self.geometry.positions), ConvCache(x, columns)
 
     def _vjp(self, cache, g, need_input):
-        rows = channels_last(g, self.out_channels)  # (B*L, O)
-        grads = {"W": (rows.T @ cache.patches).reshape(self.params["W"].shape)}
+        rows = channel_rows(g, self.out_channels)  # (O, B*L)
+        grads = {"W": (rows @ cache.columns.T).reshape(self.params["W"].shape)}
         if self.bias:
-            grads["b"] = np.add.reduce(rows, axis=0)
+            grads["b"] = np.add.reduce(rows, axis=1)
         gx = None
         if need_input:
-            gx = self.geometry.fold(rows @ self._matrix_w(), g.shape[0])
+            gx = self.geometry.fold(self._matrix_w().T @ rows, g.shape[0])
         return gx, grads
 
     def _jvp(self, cache, v):
-        rows = self.geometry.patches(v) @ self._matrix_w().T
-        return channels_first(rows, v.shape[0], self.geometry.positions)
+        rows = self._matrix_w() @ self.geometry.columns(v)
+        return from_channel_rows(rows, v.shape[0], self.geometry.positions)
 
     def _jacobian(self, cache):
         return ConvJacobian(self.params["W"], self.geometry, cache.x.shape[0])
@@ -184,9 +186,9 @@ class Conv2D(SpatialLayer):
         batch = cache.x.shape[0]
         dtype = self.params["W"].dtype
         identity = IdentityJacobian(batch, self.out_channels * self.geometry.positions, dtype)
-        jacobians = {"W": PatchesJacobian(identity, cache.patches, self.out_channels)}
+        jacobians = {"W": PatchesJacobian(identity, cache.columns, self.out_channels)}
         if self.bias:
             # The bias sees a patch of one constant 1 per position (no memory: stride 0).
-            ones = np.broadcast_to(np.ones((1, 1), dtype), (cache.patches.shape[0], 1))
+            ones = np.broadcast_to(np.ones((1, 1), dtype), (1, cache.columns.shape[1]))
             jacobians["b"] = PatchesJacobian(identity, ones, self.out_channels)
         return jacobians

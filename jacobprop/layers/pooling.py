@@ -115,11 +115,27 @@ class MaxPool2D(_Pool2D):
 
     def _forward(self, x):
         windows = self._windows_checked()
-        values = x[:, windows]  # (B, m, K)
-        winner = np.argmax(values, axis=2)  # the first maximum: C-order of the window
-        y = np.take_along_axis(values, winner[:, :, None], axis=2)[:, :, 0]
-        indices = windows[np.arange(windows.shape[0]), winner]
-        return y, MaxPoolCache(x, indices)
+        batch = x.shape[0]
+        channels, height, width = self._input_shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        _, ho, wo = self._output_shape(self._input_shape)
+        image = x.reshape(batch, channels, height, width)
+        # One strided view per window offset, in C-order of the window; a strictly
+        # greater entry takes over, so ties stay with the first maximum.
+        best = winner = None
+        for k in range(kh * kw):
+            i, j = divmod(k, kw)
+            view = image[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+            if best is None:
+                best, winner = view.copy(), np.zeros(view.shape, np.intp)
+                continue
+            greater = view > best
+            np.copyto(best, view, where=greater)
+            np.copyto(winner, k, where=greater)
+        offsets = windows[0] - windows[0, 0]  # the same for every window
+        size = windows.shape[0]
+        indices = windows[:, 0] + offsets[winner.reshape(batch, size)]
+        return best.reshape(batch, size), MaxPoolCache(x, indices)
 
     def _jacobian(self, cache):
         return SelectionJacobian(cache.indices, cache.x.shape[1],
