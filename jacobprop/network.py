@@ -80,8 +80,11 @@ class Sequential(Layer):
         """Thread the per-sample image shape `(C, H, W)` through the stack.
 
         A spatial layer built without `input_shape` takes the previous layer's
-        `output_shape` (and keeps it: one layer object, one geometry); a
-        declared one must match. Layers that keep the width keep the shape
+        `output_shape` (and keeps it: one layer object, one geometry). A
+        declared shape wins over the previous output shape: samples are raveled
+        either way, so it reads the same numbers as an image of its own shape
+        (a reshape); only the sizes must agree, which `_check_widths` checks.
+        Layers that keep the width keep the shape
         (activations, normalization, Dropout, Residual); Flatten and layers
         that change the width end it. Returns the network's input shape (the
         first spatial layer's, when only width-keeping layers precede it) and
@@ -100,11 +103,6 @@ class Sequential(Layer):
                         )
                     layer.bind_input_shape(shape)
                     declared = shape
-                elif shape is not None and declared is not None and declared != shape:
-                    raise ShapeError(
-                        f"Sequential: layer {index} ({layer!r}) takes images of shape "
-                        f"{declared}, but layer {index - 1} produces {shape}"
-                    )
                 if leading:
                     first = declared
                 leading = False

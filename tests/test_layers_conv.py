@@ -163,9 +163,13 @@ def test_images_are_accepted_and_shapes_are_inferred():
         net(rng.standard_normal((5, 1, 8, 7)))
     with pytest.raises(jp.ShapeError, match="needs `input_shape"):
         jp.Sequential(jp.Dense(4, 4), jp.Conv2D(1, 1, 1))
-    with pytest.raises(jp.ShapeError, match=r"takes images of shape \(1, 4, 4\)"):
+    with pytest.raises(jp.ShapeError, match="expects 16 input features"):
         jp.Sequential(jp.Conv2D(1, 2, 1, input_shape=(1, 4, 4)),
                       jp.Conv2D(1, 1, 1, input_shape=(1, 4, 4)))
+    # A declared shape of the same size reads the raveled samples as its own images.
+    reshaped = jp.Sequential(jp.Conv2D(1, 2, 1, input_shape=(1, 4, 4)),
+                             jp.Conv2D(4, 1, 1, input_shape=(4, 2, 4)))
+    assert reshaped.output_shape == (1, 2, 4)
 
 
 def test_bad_arguments_are_named():

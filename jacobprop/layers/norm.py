@@ -139,6 +139,10 @@ class LayerNorm(_Norm):
 
     def _jacobian(self, cache):
         xh = cache.normalized
+        if self.features == 1:
+            # One feature normalizes to 0 whatever x: the Jacobian is exactly zero, which
+            # the rank-2 form would only reach up to rounding.
+            return DiagonalJacobian(np.zeros_like(xh))
         diagonal = self._scale(xh.dtype) * cache.inv_std  # (B, k)
         basis = np.stack([np.ones_like(xh), xh], axis=2)  # (B, k, 2)
         return DiagonalLowRankJacobian(diagonal, -(diagonal / self.features)[:, :, None] * basis,
