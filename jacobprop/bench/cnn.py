@@ -183,7 +183,7 @@ def _torch_case(weights, x, labels, spec):
 
     def convert(out):
         loss, grads = out
-        return float(loss), [g.detach().numpy() for g in grads]
+        return float(loss.detach()), [g.detach().numpy() for g in grads]
 
     return run, convert
 

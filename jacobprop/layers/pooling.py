@@ -120,18 +120,18 @@ class MaxPool2D(_Pool2D):
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         _, ho, wo = self._output_shape(self._input_shape)
         image = x.reshape(batch, channels, height, width)
-        # One strided view per window offset, in C-order of the window; a strictly
-        # greater entry takes over, so ties stay with the first maximum.
-        best = winner = None
-        for k in range(kh * kw):
-            i, j = divmod(k, kw)
-            view = image[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-            if best is None:
-                best, winner = view.copy(), np.zeros(view.shape, np.intp)
-                continue
-            greater = view > best
-            np.copyto(best, view, where=greater)
-            np.copyto(winner, k, where=greater)
+        views = [image[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+                 for i in range(kh) for j in range(kw)]  # one per window offset, C-order
+        best = views[0].copy()
+        for view in views[1:]:
+            np.maximum(best, view, out=best)
+        # The winner is the first offset that attains the maximum: assign from the last
+        # offset back to the first, so the first one writes last.
+        winner = np.zeros(best.shape, np.intp)
+        for k in range(len(views) - 1, 0, -1):
+            np.copyto(winner, k, where=views[k] == best)
+        if len(views) > 1:
+            np.copyto(winner, 0, where=views[0] == best)
         offsets = windows[0] - windows[0, 0]  # the same for every window
         size = windows.shape[0]
         indices = windows[:, 0] + offsets[winner.reshape(batch, size)]
