@@ -86,6 +86,7 @@ class Conv2D(SpatialLayer):
         self.stride = pair(stride, where, "stride")
         self.padding = pair(padding, where, "padding", minimum=0)
         self.bias = bool(bias)
+        self._geometry = None
         dtype = np.dtype(dtype)
         if dtype.kind != "f":
             raise TypeError(f"Conv2D: `dtype` must be a floating dtype, got {dtype}")
@@ -144,7 +145,16 @@ class Conv2D(SpatialLayer):
 
     @property
     def geometry(self) -> ConvGeometry:
-        return ConvGeometry(self._require_shape(), self.kernel_size, self.stride, self.padding)
+        """The sizes of the correlation, fixed once the input shape is."""
+        if self._geometry is None:
+            self._require_shape()
+        return self._geometry
+
+    def bind_input_shape(self, input_shape) -> None:
+        super().bind_input_shape(input_shape)
+        # Derived once here (construction or a Sequential), never in a forward pass.
+        self._geometry = ConvGeometry(self._input_shape, self.kernel_size, self.stride,
+                                      self.padding)
 
     def _output_shape(self, input_shape):
         geometry = ConvGeometry(input_shape, self.kernel_size, self.stride, self.padding)
