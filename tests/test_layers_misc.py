@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -131,3 +132,23 @@ def test_activation_tails_keep_their_precision():
     np.testing.assert_allclose(jp.ELU()(np.array([[1e-10]])) - jp.ELU()(np.array([[-1e-10]])),
                                2e-10, rtol=1e-9)
     assert jp.ELU.kinks == (0.0,)
+
+
+def _states_its_config(cls) -> bool:
+    """The class writes `config()`, or its constructor needs no arguments ({} is right)."""
+    required = [p for p in inspect.signature(cls).parameters.values()
+                if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    return cls.config is not jp.Layer.config or not required
+
+
+# Dense's config() comes with the save/load work on another branch.
+CONFIGURED = [name for name in sorted(jp.LAYERS) if _states_its_config(jp.LAYERS[name])]
+
+
+@pytest.mark.parametrize("name", CONFIGURED)
+def test_config_rebuilds_every_registered_layer(name):
+    layer = jp.LAYERS[name].example(6, rng=np.random.default_rng(0))
+    twin = type(layer)(**layer.config())
+    assert twin.config() == layer.config()
+    assert {k: v.shape for k, v in twin.params.items()} == \
+        {k: v.shape for k, v in layer.params.items()}
