@@ -55,6 +55,12 @@ class _Pool2D(SpatialLayer):
         super().bind_input_shape(input_shape)
         # Derived once from the geometry here, never in a forward pass.
         self._windows = pool_windows(self._input_shape, self.kernel_size, self.stride)
+        self._offsets = self._windows[0] - self._windows[0, 0]  # the same in every window
+        _, ho, wo = self._output_shape(self._input_shape)
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        self._offset_slices = [(slice(i, i + sh * (ho - 1) + 1, sh),
+                                slice(j, j + sw * (wo - 1) + 1, sw))
+                               for i in range(kh) for j in range(kw)]
 
     def _check_shape(self, input_shape):
         _, height, width = as_image_shape(input_shape, self._where)
@@ -116,25 +122,19 @@ class MaxPool2D(_Pool2D):
     def _forward(self, x):
         windows = self._windows_checked()
         batch = x.shape[0]
-        channels, height, width = self._input_shape
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        _, ho, wo = self._output_shape(self._input_shape)
-        image = x.reshape(batch, channels, height, width)
-        views = [image[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-                 for i in range(kh) for j in range(kw)]  # one per window offset, C-order
+        image = x.reshape(batch, *self._input_shape)
+        # One strided view per window offset, in C-order of the window.
+        views = [image[:, :, rows, cols] for rows, cols in self._offset_slices]
         best = views[0].copy()
         for view in views[1:]:
             np.maximum(best, view, out=best)
         # The winner is the first offset that attains the maximum: assign from the last
         # offset back to the first, so the first one writes last.
-        winner = np.zeros(best.shape, np.intp)
-        for k in range(len(views) - 1, 0, -1):
+        winner = np.empty(best.shape, np.int8 if len(views) < 128 else np.intp)
+        for k in range(len(views) - 1, -1, -1):
             np.copyto(winner, k, where=views[k] == best)
-        if len(views) > 1:
-            np.copyto(winner, 0, where=views[0] == best)
-        offsets = windows[0] - windows[0, 0]  # the same for every window
         size = windows.shape[0]
-        indices = windows[:, 0] + offsets[winner.reshape(batch, size)]
+        indices = windows[:, 0] + self._offsets[winner.reshape(batch, size)]
         return best.reshape(batch, size), MaxPoolCache(x, indices)
 
     def _jacobian(self, cache):
