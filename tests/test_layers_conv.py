@@ -188,3 +188,41 @@ def test_config_rebuilds_the_layer():
     twin = jp.Conv2D(**layer.config())
     assert twin.config() == layer.config()
     assert twin.W.shape == layer.W.shape and "b" not in twin.params
+
+
+@pytest.mark.parametrize("order", ["auto", "forward", "reverse"])
+def test_network_jacobian_through_every_new_operator(order):
+    rng = np.random.default_rng(8)
+    net = jp.Sequential(
+        jp.Conv2D(2, 3, 3, input_shape=(2, 5, 5), padding=1, rng=rng), jp.SiLU(),
+        jp.MaxPool2D(2, stride=1), jp.AvgPool2D((2, 1)), jp.LayerNorm(3 * 2 * 4),
+        jp.Residual(jp.Sequential(jp.Dense(24, 24, rng=rng), jp.Tanh())), jp.Flatten(),
+        jp.Dense(24, 4, rng=rng),
+    )
+    # An input whose pooling windows are all clear of ties (a tie is a kink).
+    for _ in range(50):
+        x = rng.standard_normal((3, 50))
+        if net[2].tie_gaps(net[:2](x)).min() > 1e-3:
+            break
+    else:
+        pytest.fail("no input with every max-pool window clear of ties in 50 draws")
+    dense = net.jacobian(x, order=order).to_dense()
+    np.testing.assert_allclose(dense, jp.numerical_jacobian(net, x), rtol=1e-6,
+                               atol=1e-8 * np.abs(dense).max())
+
+
+def test_explicit_mode_through_convolution_and_batch_norm():
+    rng = np.random.default_rng(9)
+    net = jp.Sequential(
+        jp.Conv2D(1, 2, 3, input_shape=(1, 4, 4), padding=1, rng=rng), jp.BatchNorm(32),
+        jp.ReLU(), jp.MaxPool2D(2), jp.Conv2D(2, 3, 2, rng=rng), jp.Flatten(),
+        jp.Dense(3, 2, rng=rng),
+    )
+    x, t = rng.standard_normal((5, 1, 4, 4)), rng.integers(0, 2, 5)
+    loss = jp.SoftmaxCrossEntropy()
+    _, grads = net.value_and_grad(x, t, loss)
+    scale = max(np.abs(value).max() for value in grads.values())
+    for dense in (False, True):
+        _, explicit = net.value_and_grad(x, t, loss, mode="jacobian", dense=dense)
+        for key, value in grads.items():
+            np.testing.assert_allclose(explicit[key], value, rtol=1e-10, atol=1e-13 * scale)
