@@ -420,6 +420,10 @@ def main_cnn(args) -> int:
         if name not in ("float64", "float32"):
             raise UsageError(f"jacobprop bench cnn: unsupported --dtype {name!r}")
     peers = tuple(name for name in (args.against or []) if name in _PEERS)
+    for name in args.against or []:
+        if name not in _PEERS:
+            print(f"peer {name!r} has no cnn workload (torch and jax do); skipping",
+                  file=sys.stderr)
     set_peer_threads(peers, getattr(args, "peer_threads", None))
     rows = run_cnn(configs, dtypes, peers, repeats=args.repeats or 9,
                    budget=args.budget or 1.0, seed=args.seed)
