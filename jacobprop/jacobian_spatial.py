@@ -130,6 +130,37 @@ class ConvGeometry(NamedTuple):
         return image.transpose(1, 0, 2, 3).reshape(batch, self.in_dim)
 
 
+    def transposed_conv(self, matrix_w: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """`col2im(W_mat^T g_rows)`: the vjp of the correlation for `g` `(B, O*L)`, `(B, n)`.
+
+        With stride 1 every output row is widened to the padded width and every
+        sample to the padded height (zeros), so that kernel offset `(i, j)`
+        becomes ONE shift by `i*Wp + j` of the whole flattened batch: `kh*kw`
+        contiguous adds instead of `C*B*Ho` short strided ones, for a GEMM
+        larger by `Hp*Wp / (Ho*Wo)`. Other strides fold the columns.
+        """
+        batch = values.shape[0]
+        channels_out = matrix_w.shape[0]
+        if self.stride != (1, 1):
+            return self.fold(matrix_w.T @ channel_rows(values, channels_out), batch)
+        channels, height, width = self.input_shape
+        (kh, kw), (ph, pw) = self.kernel, self.padding
+        ho, wo = self.output_hw
+        hp, wp = height + 2 * ph, width + 2 * pw
+        rows = np.zeros((channels_out, batch, hp, wp), values.dtype)
+        rows[:, :, :ho, :wo] = values.reshape(batch, channels_out, ho, wo).transpose(1, 0, 2, 3)
+        size = batch * hp * wp
+        columns = (matrix_w.T @ rows.reshape(channels_out, size)).reshape(channels, kh, kw, size)
+        image = np.zeros((channels, size + (kh - 1) * wp + kw - 1), columns.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                start = i * wp + j
+                image[:, start:start + size] += columns[:, i, j]
+        image = image[:, :size].reshape(channels, batch, hp, wp)[:, :, ph:ph + height,
+                                                                 pw:pw + width]
+        return image.transpose(1, 0, 2, 3).reshape(batch, self.in_dim)
+
+
 def channel_rows(values: np.ndarray, channels: int) -> np.ndarray:
     """`(B, O*L)` channel-major outputs as the `(O, B*L)` rows the columns GEMM uses."""
     batch, size = values.shape
@@ -181,8 +212,7 @@ class ConvJacobian(Jacobian):
         return from_channel_rows(rows, v.shape[0], self.geometry.positions)
 
     def _vjp(self, g):
-        rows = channel_rows(g, self.weight.shape[0])
-        return self.geometry.fold(self._matrix_w.T @ rows, g.shape[0])
+        return self.geometry.transposed_conv(self._matrix_w, g)
 
     def _matrix(self) -> np.ndarray:
         """The shared `(m, n)` block: the convolution of every unit input."""

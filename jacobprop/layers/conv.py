@@ -182,7 +182,7 @@ class Conv2D(SpatialLayer):
             grads["b"] = np.add.reduce(rows, axis=1)
         gx = None
         if need_input:
-            gx = self.geometry.fold(self._matrix_w().T @ rows, g.shape[0])
+            gx = self.geometry.transposed_conv(self._matrix_w(), g)
         return gx, grads
 
     def _jvp(self, cache, v):
