@@ -835,7 +835,13 @@ class CoupledProduct(CoupledJacobian):
 
 
 class CoupledSum(CoupledJacobian):
-    """`sum_t c_t J_t` of operators of one shape, at least one coupled (Residual: `I + J`)."""
+    """`sum_t c_t J_t` of operators of one shape, at least one coupled (Residual: `I + J`).
+
+    Notes
+    -----
+    `vjp` / `jvp` sum the terms' products: the cost is the sum of theirs. The
+    dense form embeds each per-sample term on the sample diagonal.
+    """
 
     def __init__(self, terms, coefficients=None):
         self.terms = tuple(terms)
@@ -867,7 +873,12 @@ class CoupledSum(CoupledJacobian):
 
 
 class DenseCoupledJacobian(CoupledJacobian):
-    """A materialized coupled operator, `data` `(B, m, B, n)` (explicit mode, `dense=True`)."""
+    """A materialized coupled operator, `data` `(B, m, B, n)` (explicit mode, `dense=True`).
+
+    Notes
+    -----
+    `vjp(g)_b = sum_i g_i data[i, :, b, :]`, `jvp` likewise: `O(B^2 m n)` each.
+    """
 
     def __init__(self, data):
         self.data = _array_of_layout(data, "DenseCoupledJacobian", "data", "(B, m, B, n)")
