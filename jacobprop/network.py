@@ -84,11 +84,11 @@ class Sequential(Layer):
         declared shape wins over the previous output shape: samples are raveled
         either way, so it reads the same numbers as an image of its own shape
         (a reshape); only the sizes must agree, which `_check_widths` checks.
-        Layers that keep the width keep the shape
-        (activations, normalization, Dropout, Residual); Flatten and layers
-        that change the width end it. Returns the network's input shape (the
-        first spatial layer's, when only width-keeping layers precede it) and
-        its output shape, each `(C, H, W)` or None.
+        Layers that keep the width keep the shape (activations, normalization,
+        Dropout, Residual); Flatten and layers that change the width end it.
+        Returns the network's input shape (the first spatial layer's, when
+        only layers of any width precede it) and its output shape, each
+        `(C, H, W)` or None.
         """
         shape = first = None
         leading = True  # only width-keeping, non-spatial layers so far
