@@ -214,7 +214,6 @@ def test_no_forward_changes_running_statistics_and_update_state_is_pytorchs_rule
     net.value_and_grad(x, rng.standard_normal((5, 3)), jp.MSE(), mode="jacobian")
     net.jacobian(x)
     net(x)
-    jp.gradcheck(net, x, rng.standard_normal((5, 3)), jp.MSE())  # its verdict aside
     np.testing.assert_array_equal(layer.running_mean, before[0])
     np.testing.assert_array_equal(layer.running_var, before[1])
     net.update_state(cache)
