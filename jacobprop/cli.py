@@ -38,6 +38,8 @@ examples:
   jacobprop bench jacobian --batch 8 --width 64,256 --depth 3
   jacobprop bench gradcheck --batch 8 --width 64 --depth 3 --in-features 32 --against torch
   jacobprop bench train --parts digits,sine   training comparisons (digits needs scikit-learn)
+  jacobprop bench cnn --against torch,jax  the CNN workload (NumPy im2col baseline, peers)
+  jacobprop bench cnn --digits             train a CNN on scikit-learn's digits, 3 seeds
   jacobprop bench --print-schema           the JSON schema of --json output
 
 exit codes: 0 done; 1 a benchmarked path raised an error; 2 bad usage.
@@ -268,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(workloads.add_parser(
         "train", help=_TRAIN_HELP, description=_TRAIN_HELP, epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter))
+    from .bench.cnn import add_parser as add_cnn_parser
+
+    add_cnn_parser(workloads, [_common_options(suppress=True)])
     return parser
 
 
@@ -795,6 +800,10 @@ def main(argv=None) -> int:
         elif args.list_suites:
             _print_suites(sys.stdout)
             return EXIT_OK
+        elif args.workload == "cnn":  # its own runner, not a grid
+            from .bench.cnn import main_cnn
+
+            return main_cnn(args)
         elif args.workload == "train":  # its own runner, not a grid
             from .bench.train import run_from_args
 

@@ -19,10 +19,9 @@ never code. Its entries:
 Layer classes are looked up by name in `jp.LAYERS` (and `Sequential`),
 never imported from a name in the file, and rebuilt with `type(**config)`.
 
-Extra state: a layer with arrays outside `params` defines
-`state_arrays() -> dict[str, ndarray]` and `load_state_arrays(arrays)`;
-`layer_state_arrays` / `load_layer_state_arrays` below are the protocol's
-no-op defaults for every other layer (to move into `Layer` itself).
+Extra state: a layer with arrays outside `params` overrides
+`Layer.state_arrays() -> dict[str, ndarray]` and `Layer.load_state_arrays(arrays)`
+(BatchNorm's running statistics); the defaults keep none.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from .layers.base import LAYERS, Layer
 from .network import Sequential
 from .optim import Optimizer
 
-__all__ = ["save", "load", "ModelFileError", "layer_state_arrays", "load_layer_state_arrays"]
+__all__ = ["save", "load", "ModelFileError"]
 
 FORMAT = "jacobprop"
 VERSION = 1
@@ -50,24 +49,6 @@ _MAX_HEADER_BYTES = 64 * 2**20
 
 class ModelFileError(ValueError):
     """A model file is corrupted, truncated, foreign, or does not match what it declares."""
-
-
-# ---- the extra-state protocol -------------------------------------------------------------
-def layer_state_arrays(layer: Layer) -> dict[str, np.ndarray]:
-    """The arrays `layer` keeps outside `params` (`layer.state_arrays()`), or `{}`."""
-    method = getattr(layer, "state_arrays", None)
-    return {} if method is None else dict(method())
-
-
-def load_layer_state_arrays(layer: Layer, arrays: dict[str, np.ndarray], where: str) -> None:
-    """Hand `arrays` to `layer.load_state_arrays`; a layer without the hook takes none."""
-    method = getattr(layer, "load_state_arrays", None)
-    if method is None:
-        if arrays:
-            raise ModelFileError(f"{where}: the file holds state arrays {sorted(arrays)} for "
-                                 f"{type(layer).__name__}, which keeps none")
-        return
-    method(arrays)
 
 
 # ---- save ------------------------------------------------------------------------------------
@@ -101,7 +82,7 @@ def save(net: Layer, path, *, optimizer: Optimizer | None = None) -> Path:
         params_header[key] = [value.dtype.str, list(value.shape)]
     state_header = {}
     for index, layer in enumerate(nodes):
-        for name, value in layer_state_arrays(layer).items():
+        for name, value in layer.state_arrays().items():
             value = np.asarray(value)
             arrays[f"state/{index}/{name}"] = value
             state_header[f"{index}/{name}"] = [value.dtype.str, list(value.shape)]
@@ -294,8 +275,11 @@ def _rebuild(header, arrays, optimizer, where) -> Layer:
         per_node.setdefault(int(node), {})[name] = _declared(
             arrays[f"state/{entry}"], declared, f"state {entry!r}", where)
     for index, layer in enumerate(nodes):
-        load_layer_state_arrays(layer, per_node.get(index, {}),
-                                f"{where}: layer {index} ({type(layer).__name__})")
+        try:
+            layer.load_state_arrays(per_node.get(index, {}))
+        except (ValueError, KeyError) as error:
+            raise ModelFileError(f"{where}: layer {index} ({type(layer).__name__}): "
+                                 f"{error}") from None
     if optimizer is not None:
         _load_optimizer(optimizer, header.get("optimizer"), arrays, params, where)
     return net

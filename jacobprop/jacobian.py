@@ -93,6 +93,9 @@ class Jacobian:
             resolve_dispatch(cls)
 
     kind = "abstract"
+    #: True for an operator whose output sample i depends on other input samples
+    #: (`jacobian_spatial.CoupledJacobian`): its dense form is `(B, m, B, n)`.
+    couples_samples: ClassVar[bool] = False
     shape: tuple[int, int, int]
     dtype: np.dtype
 
@@ -170,7 +173,8 @@ class Jacobian:
             raise ShapeError(
                 f"Jacobian +: shapes must match, got {self.shape} and {other.shape}"
             )
-        result = self._add(other)
+        # A coupled operator knows how to add a per-sample one, never the reverse.
+        result = other._add(self) if other.couples_samples else self._add(other)
         if result is NotImplemented:
             result = other._add(self)
         if result is NotImplemented:

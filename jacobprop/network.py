@@ -13,6 +13,7 @@ runs in one of two modes that must agree to rounding:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -20,7 +21,10 @@ import numpy as np
 from .dispatch import standard
 from .errors import ShapeError, check_batch_matrix
 from .jacobian import GeneralJacobian, Jacobian, _compose
+from .jacobian_spatial import DenseCoupledJacobian
 from .layers.base import Layer
+from .layers.pooling import Flatten
+from .layers.spatial import SpatialLayer, ravel_images
 from .losses import Loss
 from .plan import _multiply_planned, plan_chain
 
@@ -64,6 +68,7 @@ class Sequential(Layer):
                     f"got {type(layer).__name__}"
                 )
         self._layers = tuple(layers)
+        self._input_shape, self._output_shape = self._infer_shapes()
         self._input_dim = self._check_widths()
         self._input_where = f"Sequential layer 0 ({type(self._layers[0]).__name__})"
         # Gradient keys are formatted once here, not on every backward pass.
@@ -71,6 +76,56 @@ class Sequential(Layer):
             {name: f"{index}.{name}" for name in layer.params}
             for index, layer in enumerate(self._layers)
         )
+
+    def _infer_shapes(self) -> tuple:
+        """Thread the per-sample image shape `(C, H, W)` through the stack.
+
+        A spatial layer built without `input_shape` takes the previous layer's
+        `output_shape` (and keeps it: one layer object, one geometry). A
+        declared shape wins over the previous output shape: samples are raveled
+        either way, so it reads the same numbers as an image of its own shape
+        (a reshape); only the sizes must agree, which `_check_widths` checks.
+        Layers that keep the width keep the shape (activations, normalization,
+        Dropout, Residual); Flatten and layers that change the width end it.
+        Returns the network's input shape (the first spatial layer's, when
+        only layers of any width precede it) and its output shape, each
+        `(C, H, W)` or None.
+        """
+        shape = first = None
+        leading = True  # only width-keeping, non-spatial layers so far
+        for index, layer in enumerate(self._layers):
+            if isinstance(layer, (SpatialLayer, Sequential)):
+                declared = layer.input_shape
+                if isinstance(layer, SpatialLayer) and declared is None:
+                    if shape is None:
+                        raise ShapeError(
+                            f"Sequential: layer {index} ({layer!r}) needs `input_shape=(C, H, "
+                            f"W)`: no layer before it determines the image shape"
+                        )
+                    layer.bind_input_shape(shape)
+                    declared = shape
+                if leading:
+                    first = declared
+                leading = False
+                shape = layer.output_shape
+                continue
+            ends = isinstance(layer, Flatten)
+            width = None if shape is None else math.prod(shape)
+            if width is not None and (ends or layer.output_dim(width) != width):
+                shape = None
+            # Only layers of any width may precede the one that fixes the network's input.
+            leading = leading and not ends and layer.input_dim is None
+        return first, shape
+
+    @property
+    def input_shape(self) -> tuple[int, int, int] | None:
+        """The per-sample image shape `(C, H, W)` the network accepts as `(B, C, H, W)`."""
+        return self._input_shape
+
+    @property
+    def output_shape(self) -> tuple[int, int, int] | None:
+        """The per-sample image shape of the output, None once it is plain features."""
+        return self._output_shape
 
     def _check_widths(self) -> int | None:
         """Check that consecutive layers fit; return the network's input width."""
@@ -171,6 +226,8 @@ class Sequential(Layer):
     def _check_input(self, x, where=None):
         # The parameter dtype matters only to promote integer input; float input
         # (every hot loop) skips looking it up.
+        if self._input_shape is not None and isinstance(x, np.ndarray) and x.ndim == 4:
+            x = ravel_images(x, self._input_shape, where or self._input_where)
         is_float = isinstance(x, np.ndarray) and x.dtype.kind == "f"
         return check_batch_matrix(
             x, where=where or self._input_where, name="x", features=self._input_dim,
@@ -373,8 +430,14 @@ class Sequential(Layer):
     def _backward_by_jacobians(self, cache, covector: Jacobian, dense: bool) -> dict:
         # Shapes fit by construction here, so `_compose` (what `@` calls after
         # its checks) is used directly.
+        # A coupled operator (train-mode BatchNorm) stays coupled: its dense form is
+        # (B, m, B, n), and composing or summing it keeps both batch axes.
         def materialize(op):
-            return GeneralJacobian(op.to_dense()) if dense else op
+            if not dense:
+                return op
+            if op.couples_samples:
+                return DenseCoupledJacobian(op.to_dense())
+            return GeneralJacobian(op.to_dense())
 
         covector = materialize(covector)
         per_layer = [None] * len(self._layers)

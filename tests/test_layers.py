@@ -196,8 +196,10 @@ def test_layers_keep_no_state_between_calls(rng):
 
 
 def test_registry_holds_every_public_layer():
-    assert set(jp.LAYERS) == {
-        "Dense", "Identity", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softplus", "Softmax"
-    }
+    # Every concrete layer the package exports is registered, and nothing else is.
+    exported = {name for name in jp.__all__ if isinstance(getattr(jp, name), type)
+                and issubclass(getattr(jp, name), jp.Layer)} - {"Layer", "Sequential"}
+    assert set(jp.LAYERS) == exported
+    assert {"Dense", "ReLU", "Softmax", "Conv2D", "BatchNorm", "Residual"} <= exported
     with pytest.raises(ValueError, match="a different layer named 'ReLU'"):
         jp.register_layer(type("ReLU", (jp.Layer,), {}))

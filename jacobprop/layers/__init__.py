@@ -1,8 +1,24 @@
 """Layers, one module per family; importing this package registers them all."""
 
-from .activations import Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Softplus, Tanh
+from .activations import (
+    ELU,
+    GELU,
+    Identity,
+    LeakyReLU,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Softplus,
+    Tanh,
+)
 from .base import LAYERS, Layer, register_layer
+from .conv import Conv2D
 from .dense import Dense
+from .dropout import Dropout
+from .norm import BatchNorm, LayerNorm
+from .pooling import AvgPool2D, Flatten, MaxPool2D
+from .residual import Residual
 
 __all__ = [
     "LAYERS",
@@ -16,4 +32,15 @@ __all__ = [
     "Tanh",
     "Softplus",
     "Softmax",
+    "GELU",
+    "SiLU",
+    "ELU",
+    "Conv2D",
+    "MaxPool2D",
+    "AvgPool2D",
+    "Flatten",
+    "LayerNorm",
+    "BatchNorm",
+    "Dropout",
+    "Residual",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy.special import expit, log_expit
+from scipy.special import expit, log_expit, ndtr
 
 from ..jacobian import (
     DiagonalJacobian,
@@ -19,7 +19,8 @@ from ..jacobian import (
 )
 from .base import Layer, register_layer
 
-__all__ = ["Identity", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softplus", "Softmax"]
+__all__ = ["Identity", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softplus", "Softmax", "GELU",
+           "SiLU", "ELU"]
 
 
 class ActivationCache(NamedTuple):
@@ -300,3 +301,99 @@ def softmax(x: np.ndarray) -> np.ndarray:
     _, exps = stable_exp_shifted(x)
     exps /= np.add.reduce(exps, axis=1, keepdims=True)
     return exps
+
+
+# ---- smooth activations of the second round -----------------------------------------
+_INV_SQRT_2PI = 1 / np.sqrt(2 * np.pi)
+
+
+def _exp_nonpositive(z: np.ndarray) -> np.ndarray:
+    """`exp(z)` for `z <= 0`: values below the smallest normal become exact zeros (the
+    right answer) instead of raising under a caller's `np.errstate(all="raise")`."""
+    try:
+        return np.exp(z)
+    except FloatingPointError:
+        with np.errstate(under="ignore"):
+            return np.exp(z)
+
+
+@register_layer
+class GELU(Elementwise):
+    """`y = x Phi(x)`, Phi the standard normal CDF (exact, with erf: PyTorch's default).
+
+    Notes
+    -----
+    `dy/dx = diag(Phi(x) + x phi(x))`, `phi(x) = exp(-x^2/2) / sqrt(2 pi)`.
+    `Phi` is `scipy.special.ndtr`, accurate in the far left tail where
+    `0.5 (1 + erf(x / sqrt 2))` would cancel to 0.
+    """
+
+    def _function(self, x):
+        return x * ndtr(x)
+
+    def _derivative(self, cache):
+        x = cache.x
+        density = _exp_nonpositive(-0.5 * x * x) * x.dtype.type(_INV_SQRT_2PI)
+        return ndtr(x) + x * density
+
+
+@register_layer
+class SiLU(Elementwise):
+    """`y = x sigmoid(x)` (also called swish).
+
+    Notes
+    -----
+    `dy/dx = diag(sigmoid(x) + x sigmoid(x) sigmoid(-x))`, with `sigmoid(-x)`
+    in place of `1 - sigmoid(x)`, which loses every digit for large x.
+    """
+
+    def _function(self, x):
+        return x * expit(x)
+
+    def _derivative(self, cache):
+        x = cache.x
+        s = expit(x)
+        return s + x * s * expit(-x)
+
+
+@register_layer
+class ELU(Elementwise):
+    """`y = x` for `x > 0`, else `alpha (exp(x) - 1)` (with `expm1`, exact near 0).
+
+    Parameters
+    ----------
+    alpha : float
+        Value approached as `x -> -inf` is `-alpha` (1.0 by default).
+
+    Notes
+    -----
+    `dy/dx = diag(1 if x > 0 else alpha exp(x))`. For `alpha != 1` the slope
+    jumps at 0 (a kink); at `x == 0` the derivative is `alpha` (PyTorch's
+    choice).
+    """
+
+    kinks = (0.0,)
+
+    def __init__(self, alpha: float = 1.0):
+        super().__init__()
+        if isinstance(alpha, bool) or not np.isscalar(alpha) or not np.isfinite(alpha):
+            raise ValueError(f"ELU: `alpha` must be a finite real number, got {alpha!r}")
+        self.alpha = float(alpha)
+
+    @classmethod
+    def example(cls, input_dim, *, rng, dtype=np.float64):
+        return cls(alpha=float(rng.uniform(0.2, 2.0)))
+
+    def config(self):
+        return {"alpha": self.alpha}
+
+    def __repr__(self):
+        return f"ELU(alpha={self.alpha})"
+
+    def _function(self, x):
+        # expm1 of the clipped input: no overflow warning from the branch np.where drops.
+        return np.where(x > 0, x, self.alpha * np.expm1(np.minimum(x, 0)))
+
+    def _derivative(self, cache):
+        x = cache.x
+        return np.where(x > 0, 1, x.dtype.type(self.alpha) * _exp_nonpositive(np.minimum(x, 0)))

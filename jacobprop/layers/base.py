@@ -48,6 +48,10 @@ class Layer:
         Input values at which an elementwise layer's derivative jumps (ReLU:
         `(0.0,)`). Finite-difference checks accept any slope between the
         one-sided ones there, and the test strategies keep inputs away.
+    tie_kinks : bool
+        The derivative jumps where two inputs are equal (MaxPool2D's ties);
+        such a layer has a `tie_gaps(x)` method, and test inputs keep the
+        gaps clear.
     saturation : float or None
         Beyond `|x| > saturation` the derivative is negligibly small, so
         relative finite-difference errors mean nothing; strategies stay inside.
@@ -56,6 +60,9 @@ class Layer:
     """
 
     kinks: ClassVar[tuple[float, ...]] = ()
+    #: The derivative jumps where two inputs tie (MaxPool2D: two maxima in a window),
+    #: a kink no single input value describes; `tie_gaps(x)` on such a layer measures it.
+    tie_kinks: ClassVar[bool] = False
     saturation: ClassVar[float | None] = None
     elementwise: ClassVar[bool] = False
     #: Train or eval mode (`Sequential.train()` / `.eval()` set it on every
@@ -126,6 +133,17 @@ class Layer:
         is serialized recursively by `jp.save`. `rng` is never part of it.
         """
         return {}
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays the layer keeps outside `params` that a saved model must carry
+        (BatchNorm's running statistics); `{}` for most layers. `jp.save` writes
+        them, `jp.load` hands them back through `load_state_arrays`."""
+        return {}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take back what `state_arrays` gave (same names and shapes), in place."""
+        if arrays:
+            raise ValueError(f"{self._where}: keeps no state arrays, got {sorted(arrays)}")
 
     def update_state(self, cache) -> None:
         """Write state that a train-mode forward computed into its cache (BatchNorm's

@@ -1,0 +1,899 @@
+"""Structured Jacobians of the image and normalization layers, and the batch-coupled ones.
+
+Same conventions as `jacobprop.jacobian`: an operator stands for B blocks of
+shape `(m, n)` (numerator layout), stores only what its structure needs, and
+never forms a block unless asked with `to_dense()` / `to_sparse()`.
+
+| class                     | per-sample block                   | stored as                    |
+|---------------------------|------------------------------------|------------------------------|
+| `ConvJacobian`            | Toeplitz matrix of a convolution   | the kernel `(O, C, kh, kw)`  |
+| `PatchesJacobian`         | `L_i (I_O kron P_i)`               | a Jacobian `L`, patches `P`  |
+| `SelectionJacobian`       | row j is `w_ij e_{idx_ij}^T`       | `idx`, `w` `(B, m)`          |
+| `PoolJacobian`            | one window average for every i     | windows `(m, K)` once        |
+| `DiagonalLowRankJacobian` | `diag(d_i) + U_i V_i^T`            | `(B, n)`, `(B, n, r)` twice  |
+
+and the batch-coupled operators (class attribute `couples_samples = True`),
+whose output sample i depends on every input sample: `shape` is still
+`(B, m, n)`, but `to_dense()` is `(B, m, B, n)`, `vjp` / `jvp` act on the
+whole batch, `batch_sum()` sums over both batch axes and every per-sample
+path (indexing a sample, a per-sample scipy view) refuses them.
+
+| class                    | what it is                                                 |
+|--------------------------|------------------------------------------------------------|
+| `CoupledJacobian`        | base class; composing it with anything stays coupled       |
+| `BatchNormJacobian`      | train-mode BatchNorm, `s_j (d_ab - 1/B - xh_aj xh_bj / B)` |
+| `CoupledProduct`         | a product of factors, at least one coupled                 |
+| `CoupledSum`             | a weighted sum of terms (Residual around a coupled block)  |
+| `DenseCoupledJacobian`   | a materialized `(B, m, B, n)` array                        |
+
+Product costs (flops, B samples) are stated with each class's product rules.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sparse
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .errors import ShapeError
+from .jacobian import (
+    DiagonalJacobian,
+    IdentityJacobian,
+    Jacobian,
+    _array_of_layout,
+    _compose,
+    _taken_size,
+    _TransposedJacobian,
+)
+
+__all__ = [
+    "ConvGeometry",
+    "ConvJacobian",
+    "PatchesJacobian",
+    "SelectionJacobian",
+    "PoolJacobian",
+    "DiagonalLowRankJacobian",
+    "CoupledJacobian",
+    "BatchNormJacobian",
+    "CoupledProduct",
+    "CoupledSum",
+    "DenseCoupledJacobian",
+    "pool_windows",
+]
+
+
+# ---------------------------------------------------------------------------
+class ConvGeometry(NamedTuple):
+    """Sizes of one 2-D cross-correlation: input `(C, H, W)`, kernel, stride, zero padding.
+
+    The im2col layout is columns: `(C*kh*kw, B*L)`, row `c*kh*kw + i*kw + j`
+    (C-order of the kernel `W[o, c, i, j]`), column `b*L + p` for output
+    position `p = ho*Wo + wo`. Then `y_rows = W_mat @ columns` `(O, B*L)` is
+    one GEMM, and the copy that builds the columns reads whole image rows.
+    """
+
+    input_shape: tuple[int, int, int]
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        _, height, width = self.input_shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        return (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+
+    @property
+    def positions(self) -> int:
+        """L, the output positions per channel."""
+        ho, wo = self.output_hw
+        return ho * wo
+
+    @property
+    def in_dim(self) -> int:
+        channels, height, width = self.input_shape
+        return channels * height * width
+
+    def columns(self, x: np.ndarray) -> np.ndarray:
+        """im2col of `x` `(B, C*H*W)`: a new `(C*kh*kw, B*L)` array."""
+        batch = x.shape[0]
+        channels, height, width = self.input_shape
+        (kh, kw), (ph, pw), (sh, sw) = self.kernel, self.padding, self.stride
+        image = x.reshape(batch, channels, height, width)
+        if ph or pw:
+            # Zeros and one slice assignment: np.pad costs more than the copy itself here.
+            padded = np.zeros((batch, channels, height + 2 * ph, width + 2 * pw), x.dtype)
+            padded[:, :, ph:ph + height, pw:pw + width] = image
+            image = padded
+        windows = sliding_window_view(image, self.kernel, axis=(2, 3))[:, :, ::sh, ::sw]
+        # (B, C, Ho, Wo, kh, kw) -> (C, kh, kw, B, Ho, Wo): the one copy of im2col.
+        return windows.transpose(1, 4, 5, 0, 2, 3).reshape(channels * kh * kw,
+                                                          batch * self.positions)
+
+    def fold(self, columns: np.ndarray, batch: int) -> np.ndarray:
+        """col2im, the adjoint of `columns`: `(C*kh*kw, B*L)` summed into `(B, C*H*W)`."""
+        channels, height, width = self.input_shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        ho, wo = self.output_hw
+        blocks = columns.reshape(channels, kh, kw, batch, ho, wo)
+        image = np.zeros((channels, batch, height + 2 * ph, width + 2 * pw), columns.dtype)
+        # One strided add of a contiguous slab per kernel offset: each offset maps
+        # positions to pixels one to one.
+        for i in range(kh):
+            for j in range(kw):
+                image[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] += (
+                    blocks[:, i, j]
+                )
+        image = image[:, :, ph:ph + height, pw:pw + width]
+        return image.transpose(1, 0, 2, 3).reshape(batch, self.in_dim)
+
+
+    def transposed_conv(self, matrix_w: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """`col2im(W_mat^T g_rows)`: the vjp of the correlation for `g` `(B, O*L)`, `(B, n)`.
+
+        With stride 1 every output row is widened to the padded width and every
+        sample to the padded height (zeros), so that kernel offset `(i, j)`
+        becomes ONE shift by `i*Wp + j` of the whole flattened batch: `kh*kw`
+        contiguous adds instead of `C*B*Ho` short strided ones, for a GEMM
+        larger by `Hp*Wp / (Ho*Wo)`. Other strides fold the columns.
+        """
+        batch = values.shape[0]
+        channels_out = matrix_w.shape[0]
+        if self.stride != (1, 1):
+            return self.fold(matrix_w.T @ channel_rows(values, channels_out), batch)
+        channels, height, width = self.input_shape
+        (kh, kw), (ph, pw) = self.kernel, self.padding
+        ho, wo = self.output_hw
+        hp, wp = height + 2 * ph, width + 2 * pw
+        rows = np.zeros((channels_out, batch, hp, wp), values.dtype)
+        rows[:, :, :ho, :wo] = values.reshape(batch, channels_out, ho, wo).transpose(1, 0, 2, 3)
+        size = batch * hp * wp
+        columns = (matrix_w.T @ rows.reshape(channels_out, size)).reshape(channels, kh, kw, size)
+        image = np.zeros((channels, size + (kh - 1) * wp + kw - 1), columns.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                start = i * wp + j
+                image[:, start:start + size] += columns[:, i, j]
+        image = image[:, :size].reshape(channels, batch, hp, wp)[:, :, ph:ph + height,
+                                                                 pw:pw + width]
+        return image.transpose(1, 0, 2, 3).reshape(batch, self.in_dim)
+
+
+def channel_rows(values: np.ndarray, channels: int) -> np.ndarray:
+    """`(B, O*L)` channel-major outputs as the `(O, B*L)` rows the columns GEMM uses."""
+    batch, size = values.shape
+    positions = size // channels
+    return values.reshape(batch, channels, positions).transpose(1, 0, 2).reshape(
+        channels, batch * positions)
+
+
+def from_channel_rows(rows: np.ndarray, batch: int, positions: int) -> np.ndarray:
+    """The inverse of `channel_rows`: `(O, B*L)` -> `(B, O*L)`."""
+    channels = rows.shape[0]
+    return rows.reshape(channels, batch, positions).transpose(1, 0, 2).reshape(
+        batch, channels * positions)
+
+
+class ConvJacobian(Jacobian):
+    """dy/dx of a convolution: one Toeplitz-like `(O*L, C*H*W)` matrix shared by every sample.
+
+    Parameters
+    ----------
+    weight : ndarray `(O, C, kh, kw)`
+    geometry : ConvGeometry
+    batch_size : int
+
+    Notes
+    -----
+    `jvp(v) = conv(v, W)` (the forward without bias) and `vjp(g) =
+    col2im(W_mat^T @ g_rows)`, the transposed convolution; each costs
+    `2 B L O C kh kw` flops, against `2 B O L C H W` for the dense block. The
+    matrix itself is formed only by `to_dense` / `to_sparse`, by convolving
+    the identity.
+    """
+
+    kind = "conv"
+
+    def __init__(self, weight, geometry: ConvGeometry, batch_size: int):
+        self.weight = _array_of_layout(weight, "ConvJacobian", "weight", "(O, C, kh, kw)")
+        self.geometry = geometry
+        channels_out = self.weight.shape[0]
+        self.shape = (int(batch_size), channels_out * geometry.positions, geometry.in_dim)
+        self.dtype = self.weight.dtype
+
+    @property
+    def _matrix_w(self) -> np.ndarray:
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def _jvp(self, v):
+        rows = self._matrix_w @ self.geometry.columns(v)
+        return from_channel_rows(rows, v.shape[0], self.geometry.positions)
+
+    def _vjp(self, g):
+        return self.geometry.transposed_conv(self._matrix_w, g)
+
+    def _matrix(self) -> np.ndarray:
+        """The shared `(m, n)` block: the convolution of every unit input."""
+        return self._jvp(np.eye(self.in_dim, dtype=self.dtype)).T
+
+    def _to_dense(self):
+        return np.repeat(self._matrix()[None], self.batch_size, axis=0)
+
+    def _batch_sum(self):
+        return self.batch_size * self._matrix()
+
+    def _transpose(self):
+        return _TransposedJacobian(self)
+
+    def _take(self, index):
+        return ConvJacobian(self.weight, self.geometry, _taken_size(self.batch_size, index))
+
+    def _apply(self, right):
+        # Each of the k columns of every sample is one more image to convolve.
+        if right.ndim == 2:
+            return self._jvp(right.T).T
+        batch, n, k = right.shape
+        out = self._jvp(right.swapaxes(1, 2).reshape(batch * k, n))
+        return out.reshape(batch, k, self.out_dim).swapaxes(1, 2)
+
+    def _rapply(self, left):
+        if left.ndim == 2:
+            return self._vjp(left)
+        batch, k, m = left.shape
+        return self._vjp(left.reshape(batch * k, m)).reshape(batch, k, self.in_dim)
+
+    def _scale(self, scalar):
+        return ConvJacobian(scalar * self.weight, self.geometry, self.batch_size)
+
+    def to_sparse(self):
+        block = sparse.csr_array(self._matrix())
+        return sparse.csr_array(sparse.kron(sparse.identity(self.batch_size, format="csr"), block))
+
+
+class PatchesJacobian(Jacobian):
+    """Blocks `L_i (I_O kron P_i)`: the convolution's weight (or bias) Jacobian.
+
+    Parameters
+    ----------
+    left : Jacobian `(B, k, O*L)`
+        What acts on the convolution's output (`IdentityJacobian` for the
+        layer's own Jacobian; the covector after composition).
+    columns : ndarray `(q, B*L)`
+        The im2col columns (`q = C*kh*kw` for the weight; a row of ones,
+        broadcast without memory, for the bias); `P_i = columns[:, i*L:(i+1)*L].T`.
+    out_channels : int
+        O.
+
+    Notes
+    -----
+    `y_i[o, p] = sum_c W[o, c] P_i[p, c]`, so `dy_i/dvec(W) = I_O kron P_i`
+    `(O*L, O*q)`. `vjp(g)_i = vec(G_i P_i)` with `G_i = (g_i L_i)` reshaped
+    `(O, L)`; `sum_vjp(g) = vec(G_rows columns^T)` is ONE GEMM over all B*L
+    positions (`2 B L O q` flops), which is the explicit mode's `dL/dW`;
+    `jvp(vec V)_i = L_i vec(V P_i^T)`. Left-multiplying keeps the form, as
+    `KroneckerJacobian` does for Dense.
+    """
+
+    kind = "patches"
+
+    def __init__(self, left: Jacobian, columns, out_channels: int):
+        if not isinstance(left, Jacobian):
+            raise TypeError(
+                f"PatchesJacobian: `left` must be a Jacobian, got {type(left).__name__}"
+            )
+        columns = _array_of_layout(columns, "PatchesJacobian", "columns", "(q, B * L)")
+        batch, k, inner = left.shape
+        if inner % out_channels or columns.shape[1] != batch * (inner // out_channels):
+            raise ShapeError(
+                f"PatchesJacobian: `columns` must have B * L = {batch} * "
+                f"{inner // max(out_channels, 1)} columns for `left` of shape {left.shape} "
+                f"and {out_channels} channels, got shape {columns.shape}"
+            )
+        self.left = left
+        self.columns = columns
+        self.out_channels = int(out_channels)
+        self.shape = (batch, k, self.out_channels * columns.shape[0])
+        self.dtype = np.result_type(left.dtype, columns.dtype)
+
+    @property
+    def _positions(self) -> int:
+        return self.left.in_dim // self.out_channels
+
+    @property
+    def _per_sample(self) -> np.ndarray:
+        """The columns as `(q, B, L)`."""
+        return self.columns.reshape(-1, self.batch_size, self._positions)
+
+    def _left_values(self, g) -> np.ndarray:
+        return self.left._call_vjp(g).reshape(self.batch_size, self.out_channels,
+                                              self._positions)
+
+    def _vjp(self, g):
+        u = self._left_values(g)  # (B, O, L)
+        return np.matmul(u, self._per_sample.transpose(1, 2, 0)).reshape(self.batch_size,
+                                                                         self.in_dim)
+
+    def _sum_vjp(self, g):
+        rows = channel_rows(self.left._call_vjp(g), self.out_channels)
+        return (rows @ self.columns.T).reshape(-1)
+
+    def _jvp(self, v):
+        batch = self.batch_size
+        weights = v.reshape(batch, self.out_channels, self.columns.shape[0])
+        values = np.matmul(weights, self._per_sample.transpose(1, 0, 2))  # (B, O, L)
+        return self.left._call_jvp(values.reshape(batch, self.left.in_dim))
+
+    def _left_blocks(self) -> np.ndarray:
+        batch, k, _ = self.left.shape
+        return self.left._dense_view().reshape(batch, k, self.out_channels, self._positions)
+
+    def _to_dense(self):
+        dense = np.einsum("bkol,qbl->bkoq", self._left_blocks(), self._per_sample)
+        return dense.reshape(self.shape)
+
+    def _batch_sum(self):
+        # Contract over samples and positions at once: one GEMM.
+        summed = np.tensordot(self._left_blocks(), self._per_sample, axes=([0, 3], [1, 2]))
+        return summed.reshape(self.out_dim, -1)
+
+    def _transpose(self):
+        return _TransposedJacobian(self)
+
+    def _take(self, index):
+        per_sample = self._per_sample[:, index, :]
+        return PatchesJacobian(self.left._take(index),
+                               per_sample.reshape(per_sample.shape[0], -1), self.out_channels)
+
+    def _apply(self, right):
+        batch = self.batch_size
+        right = np.broadcast_to(right, (batch, *right.shape[-2:]))
+        blocks = right.reshape(batch, self.out_channels, self.columns.shape[0], -1)
+        values = np.einsum("qbl,boqr->bolr", self._per_sample, blocks)
+        return self.left._apply(values.reshape(batch, self.left.in_dim, values.shape[-1]))
+
+    def _rapply(self, left):
+        reduced = self.left._rapply(left)
+        batch, rows, _ = reduced.shape
+        reduced = reduced.reshape(batch, rows, self.out_channels, self._positions)
+        dense = np.einsum("brol,qbl->broq", reduced, self._per_sample)
+        return dense.reshape(batch, rows, self.in_dim)
+
+    def _rmatmul(self, other):
+        return PatchesJacobian(_compose(other, self.left), self.columns, self.out_channels)
+
+    def _scale(self, scalar):
+        return PatchesJacobian(self.left._scale(scalar), self.columns, self.out_channels)
+
+
+# ---------------------------------------------------------------------------
+def pool_windows(input_shape, kernel, stride) -> np.ndarray:
+    """`(C*Ho*Wo, kh*kw)` flat input indices of every pooling window, window in C-order."""
+    channels, height, width = input_shape
+    (kh, kw), (sh, sw) = kernel, stride
+    ho, wo = (height - kh) // sh + 1, (width - kw) // sw + 1
+    c = np.arange(channels)[:, None, None, None, None]
+    rows = (np.arange(ho) * sh)[None, :, None, None, None] + np.arange(kh)[:, None]
+    cols = (np.arange(wo) * sw)[None, None, :, None, None] + np.arange(kw)
+    index = (c * height + rows) * width + cols  # (C, Ho, Wo, kh, kw)
+    return index.reshape(channels * ho * wo, kh * kw)
+
+
+class SelectionJacobian(Jacobian):
+    """Per-sample weighted selections: row j of block i is `w_ij e_{idx_ij}^T` (max-pool).
+
+    Parameters
+    ----------
+    indices : int ndarray `(B, m)`
+        The input entry each output copies.
+    in_dim : int
+        n.
+    weights : ndarray `(B, m)`, optional
+        Row scales (ones when omitted; composing with a diagonal sets them).
+    distinct : bool
+        Whether a sample's indices are all different (non-overlapping windows),
+        which lets the vjp assign instead of accumulate.
+
+    Notes
+    -----
+    `jvp(v)_ij = w_ij v_i[idx_ij]` and `vjp(g)_i = sum_j g_ij w_ij e_{idx_ij}`
+    (a scatter-add), `O(B m)` each against `O(B m n)` dense. A diagonal on
+    either side only rescales `w`.
+    """
+
+    kind = "selection"
+
+    def __init__(self, indices, in_dim: int, weights=None, *, distinct: bool = False,
+                 dtype=np.float64):
+        self.indices = _array_of_layout(indices, "SelectionJacobian", "indices", "(B, m)")
+        self.weights = None if weights is None else np.asarray(weights)
+        self.distinct = bool(distinct)
+        batch, m = self.indices.shape
+        self.shape = (batch, m, int(in_dim))
+        self.dtype = np.dtype(dtype) if weights is None else self.weights.dtype
+
+    def _weighted(self, values):
+        return values if self.weights is None else values * self.weights
+
+    def _jvp(self, v):
+        return self._weighted(np.take_along_axis(v, self.indices, axis=1))
+
+    def _flat_indices(self) -> np.ndarray:
+        batch, _, n = self.shape
+        return self.indices + (np.arange(batch) * n)[:, None]
+
+    def _vjp(self, g):
+        batch, _, n = self.shape
+        values = self._weighted(g)
+        if self.distinct:
+            out = np.zeros(batch * n, dtype=values.dtype)
+            out[self._flat_indices().ravel()] = values.ravel()
+            return out.reshape(batch, n)
+        return np.bincount(self._flat_indices().ravel(), weights=values.ravel(),
+                           minlength=batch * n).reshape(batch, n).astype(values.dtype, copy=False)
+
+    def _row_weights(self) -> np.ndarray:
+        return np.ones(self.indices.shape, self.dtype) if self.weights is None else self.weights
+
+    def _to_dense(self):
+        batch, m, n = self.shape
+        dense = np.zeros(self.shape, dtype=self.dtype)
+        dense[np.arange(batch)[:, None], np.arange(m), self.indices] = self._row_weights()
+        return dense
+
+    def _transpose(self):
+        return _TransposedJacobian(self)
+
+    def _take(self, index):
+        weights = None if self.weights is None else self.weights[index]
+        return SelectionJacobian(self.indices[index], self.in_dim, weights,
+                                 distinct=self.distinct, dtype=self.dtype)
+
+    def _apply(self, right):
+        right = np.broadcast_to(right, (self.batch_size, *right.shape[-2:]))
+        picked = np.take_along_axis(right, self.indices[:, :, None], axis=1)
+        return picked * self._row_weights()[:, :, None]
+
+    def _rapply(self, left):
+        batch, m, n = self.shape
+        left = np.broadcast_to(left, (batch, *left.shape[-2:]))
+        out = np.zeros((batch, n, left.shape[1]), dtype=np.result_type(left, self.dtype))
+        values = left.swapaxes(1, 2) * self._row_weights()[:, :, None]
+        np.add.at(out, (np.arange(batch)[:, None], self.indices), values)
+        return out.swapaxes(1, 2)
+
+    def _matmul(self, other):
+        if isinstance(other, DiagonalJacobian):
+            picked = np.take_along_axis(other.diagonal, self.indices, axis=1)
+            return SelectionJacobian(self.indices, self.in_dim, self._weighted(picked),
+                                     distinct=self.distinct)
+        return NotImplemented
+
+    def _rmatmul(self, other):
+        if isinstance(other, DiagonalJacobian):
+            return SelectionJacobian(self.indices, self.in_dim,
+                                     self._weighted(other.diagonal), distinct=self.distinct)
+        return NotImplemented
+
+    def _scale(self, scalar):
+        return SelectionJacobian(self.indices, self.in_dim, scalar * self._row_weights(),
+                                 distinct=self.distinct)
+
+    def to_sparse(self):
+        batch, m, n = self.shape
+        rows = np.arange(batch * m)
+        cols = self._flat_indices().ravel()
+        return sparse.csr_array((self._row_weights().ravel(), (rows, cols)),
+                                shape=(batch * m, batch * n))
+
+
+class PoolJacobian(Jacobian):
+    """The same window average for every sample (AvgPool2D): row j averages window j.
+
+    Parameters
+    ----------
+    windows : int ndarray `(m, K)`
+        Flat input indices of each output's window (`pool_windows`).
+    in_dim, batch_size : int
+    dtype : floating dtype
+
+    Notes
+    -----
+    `jvp(v)_ij = mean_k v_i[windows_jk]`; `vjp(g)_i` adds `g_ij / K` to each
+    entry of window j, one strided assignment per window offset k (for a
+    fixed k the windows hit distinct inputs). Both cost `O(B m K)`.
+    """
+
+    kind = "pool"
+
+    def __init__(self, windows, in_dim: int, batch_size: int, dtype=np.float64):
+        self.windows = _array_of_layout(windows, "PoolJacobian", "windows", "(m, K)")
+        self.shape = (int(batch_size), self.windows.shape[0], int(in_dim))
+        self.dtype = np.dtype(dtype)
+
+    @property
+    def _scale_factor(self):
+        return self.dtype.type(1.0 / self.windows.shape[1])
+
+    def _jvp(self, v):
+        return v[:, self.windows].sum(axis=2) * self._scale_factor
+
+    def _vjp(self, g):
+        out = np.zeros((g.shape[0], self.in_dim), dtype=np.result_type(g, self.dtype))
+        scaled = g * self._scale_factor
+        for column in self.windows.T:
+            out[:, column] += scaled
+        return out
+
+    def _matrix(self):
+        matrix = np.zeros(self.shape[1:], dtype=self.dtype)
+        for column in self.windows.T:
+            matrix[np.arange(self.out_dim), column] += self._scale_factor
+        return matrix
+
+    def _to_dense(self):
+        return np.repeat(self._matrix()[None], self.batch_size, axis=0)
+
+    def _batch_sum(self):
+        return self.batch_size * self._matrix()
+
+    def _transpose(self):
+        return _TransposedJacobian(self)
+
+    def _take(self, index):
+        return PoolJacobian(self.windows, self.in_dim, _taken_size(self.batch_size, index),
+                            self.dtype)
+
+    def _apply(self, right):
+        return right[..., self.windows, :].sum(axis=-2) * self._scale_factor
+
+    def _rapply(self, left):
+        out = np.zeros((*left.shape[:-1], self.in_dim), dtype=np.result_type(left, self.dtype))
+        scaled = left * self._scale_factor
+        for column in self.windows.T:
+            out[..., column] += scaled
+        return out
+
+
+# ---------------------------------------------------------------------------
+class DiagonalLowRankJacobian(Jacobian):
+    """Square blocks `diag(d_i) + U_i V_i^T` (LayerNorm: rank 2).
+
+    Parameters
+    ----------
+    diagonal : ndarray `(B, n)`
+    left, right : ndarray `(B, n, r)`
+        U and V.
+
+    Notes
+    -----
+    `jvp(v)_i = d_i * v_i + U_i (V_i^T v_i)`, `vjp(g)_i = d_i * g_i + V_i
+    (U_i^T g_i)`: `O(B n r)` each against `O(B n^2)` dense. The transpose
+    swaps U and V; a diagonal on either side keeps the form.
+    """
+
+    kind = "lowrank"
+
+    def __init__(self, diagonal, left, right):
+        self.diagonal = _array_of_layout(diagonal, "DiagonalLowRankJacobian", "diagonal",
+                                         "(B, n)")
+        self.left = _array_of_layout(left, "DiagonalLowRankJacobian", "left", "(B, n, r)")
+        self.right = _array_of_layout(right, "DiagonalLowRankJacobian", "right", "(B, n, r)")
+        if self.left.shape != self.right.shape or self.left.shape[:2] != self.diagonal.shape:
+            raise ShapeError(
+                f"DiagonalLowRankJacobian: `left` and `right` must both be (B, n, r) with "
+                f"(B, n) = {self.diagonal.shape}, got {self.left.shape} and {self.right.shape}"
+            )
+        batch, n = self.diagonal.shape
+        self.shape = (batch, n, n)
+        self.dtype = np.result_type(self.diagonal, self.left, self.right)
+
+    def _jvp(self, v):
+        inner = np.einsum("bnr,bn->br", self.right, v)
+        return self.diagonal * v + np.einsum("bnr,br->bn", self.left, inner)
+
+    def _vjp(self, g):
+        inner = np.einsum("bnr,bn->br", self.left, g)
+        return self.diagonal * g + np.einsum("bnr,br->bn", self.right, inner)
+
+    def _to_dense(self):
+        dense = self.left @ self.right.swapaxes(1, 2)
+        n = self.in_dim
+        dense[:, np.arange(n), np.arange(n)] += self.diagonal
+        return dense
+
+    def _transpose(self):
+        return DiagonalLowRankJacobian(self.diagonal, self.right, self.left)
+
+    def _take(self, index):
+        return DiagonalLowRankJacobian(self.diagonal[index], self.left[index], self.right[index])
+
+    def _apply(self, right):
+        return (self.diagonal[:, :, None] * right
+                + self.left @ (self.right.swapaxes(1, 2) @ right))
+
+    def _rapply(self, left):
+        return left * self.diagonal[:, None, :] + (left @ self.left) @ self.right.swapaxes(1, 2)
+
+    def _matmul(self, other):
+        if isinstance(other, DiagonalJacobian):
+            d = other.diagonal
+            return DiagonalLowRankJacobian(self.diagonal * d, self.left,
+                                           self.right * d[:, :, None])
+        return NotImplemented
+
+    def _rmatmul(self, other):
+        if isinstance(other, DiagonalJacobian):
+            d = other.diagonal
+            return DiagonalLowRankJacobian(d * self.diagonal, d[:, :, None] * self.left,
+                                           self.right)
+        return NotImplemented
+
+    def _add(self, other):
+        if isinstance(other, DiagonalJacobian):
+            return DiagonalLowRankJacobian(self.diagonal + other.diagonal, self.left, self.right)
+        if isinstance(other, IdentityJacobian):
+            return DiagonalLowRankJacobian(self.diagonal + 1, self.left, self.right)
+        return NotImplemented
+
+    def _scale(self, scalar):
+        return DiagonalLowRankJacobian(scalar * self.diagonal, scalar * self.left, self.right)
+
+
+# ---------------------------------------------------------------------------
+def coupled_dense(op: Jacobian) -> np.ndarray:
+    """`op` as a `(B, m, B, n)` array: a per-sample operator's blocks on the sample diagonal."""
+    if op.couples_samples:
+        return op.to_dense()
+    blocks = op._dense_view()
+    batch, m, n = blocks.shape
+    dense = np.zeros((batch, m, batch, n), dtype=blocks.dtype)
+    dense[np.arange(batch), :, np.arange(batch), :] = blocks
+    return dense
+
+
+class CoupledJacobian(Jacobian, abstract=True):
+    """Base of the batch-coupled operators: output sample i depends on every input sample.
+
+    Notes
+    -----
+    `shape == (B, m, n)` like every operator, but the operator is one
+    `(B*m, B*n)` matrix that is not block-diagonal: `to_dense()` returns it as
+    `(B, m, B, n)`, `vjp(g)` / `jvp(v)` map `(B, m)` <-> `(B, n)` across the
+    whole batch, and `batch_sum()` is `sum_{i, b} J[i, :, b, :]` `(m, n)`
+    (for a covector times a parameter Jacobian that is the gradient). Any
+    composition with it, on either side, is a `CoupledProduct`; any sum a
+    `CoupledSum`. Taking a sample (`J[i]`, `to_scipy(sample=i)`) is refused.
+    """
+
+    couples_samples = True
+    kind = "coupled"
+
+    def _factors(self) -> tuple[Jacobian, ...]:
+        return (self,)
+
+    def _take(self, index):
+        raise ValueError(
+            f"{type(self).__name__}: this Jacobian couples the samples of the batch (a "
+            f"train-mode BatchNorm is in the chain), so it has no per-sample blocks to take; "
+            f"use to_dense() for the (B, m, B, n) array, or vjp/jvp on the whole batch"
+        )
+
+    def _dense_view(self):
+        return self._to_dense()
+
+    def _batch_sum(self):
+        # Row j of the sum is the summed vjp of the unit covector e_j in every sample.
+        batch, m, n = self.shape
+        rows = np.empty((m, n), dtype=self.dtype)
+        for j in range(m):
+            unit = np.zeros((batch, m), dtype=self.dtype)
+            unit[:, j] = 1
+            rows[j] = self._sum_vjp(unit)
+        return rows
+
+    def _apply(self, right):
+        raise TypeError(f"{type(self).__name__}: a batch-coupled operator has no per-sample "
+                        f"blocks to apply; compose it with @ instead")
+
+    _rapply = _apply
+
+    def _matmul(self, other):
+        return CoupledProduct(self._factors() + _factors_of(other))
+
+    def _rmatmul(self, other):
+        return CoupledProduct(_factors_of(other) + self._factors())
+
+    def _add(self, other):
+        return CoupledSum((self, other))
+
+    def _scale(self, scalar):
+        return CoupledSum((self,), (scalar,))
+
+    def to_sparse(self):
+        batch, m, n = self.shape
+        return sparse.csr_array(self._to_dense().reshape(batch * m, batch * n))
+
+
+def _factors_of(op: Jacobian) -> tuple[Jacobian, ...]:
+    return op._factors() if isinstance(op, CoupledJacobian) else (op,)
+
+
+class BatchNormJacobian(CoupledJacobian):
+    """Train-mode BatchNorm: `J[a, j, b, k] = delta_jk s_j (delta_ab - 1/B - xh_aj xh_bj / B)`.
+
+    Parameters
+    ----------
+    scale : ndarray `(k,)`
+        `s = gamma / sqrt(var + eps)` per feature (`1 / sqrt(var + eps)`
+        without affine parameters).
+    normalized : ndarray `(B, k)`
+        `xh = (x - mean) / sqrt(var + eps)`, batch statistics.
+
+    Notes
+    -----
+    For each feature the batch sees `s (I_B - 1 1^T / B - xh xh^T / B)`: a
+    symmetric rank-2 update of the identity across samples, so the operator
+    is its own transpose and `vjp(g) = jvp(g) = s (g - mean_b g - xh
+    mean_b(xh g))`, `O(B k)`; the dense form is `(B, k, B, k)`.
+    """
+
+    def __init__(self, scale, normalized):
+        self.scale = _array_of_layout(scale, "BatchNormJacobian", "scale", "(k)")
+        self.normalized = _array_of_layout(normalized, "BatchNormJacobian", "normalized",
+                                           "(B, k)")
+        batch, k = self.normalized.shape
+        self.shape = (batch, k, k)
+        self.dtype = np.result_type(self.scale, self.normalized)
+
+    def _vjp(self, g):
+        xh = self.normalized
+        batch = max(xh.shape[0], 1)
+        mean = np.add.reduce(g, axis=0) / batch
+        correlation = np.add.reduce(g * xh, axis=0) / batch
+        return self.scale * (g - mean - xh * correlation)
+
+    _jvp = _vjp
+
+    def _to_dense(self):
+        xh = self.normalized
+        batch, k = xh.shape
+        # (B, B, k): the across-sample matrix of each feature.
+        across = (np.eye(batch, dtype=self.dtype)[:, :, None] - 1.0 / batch
+                  - xh[:, None, :] * xh[None, :, :] / batch) * self.scale
+        dense = np.zeros((batch, k, batch, k), dtype=self.dtype)
+        features = np.arange(k)
+        dense[:, features, :, features] = across.transpose(2, 0, 1)
+        return dense
+
+    def _transpose(self):
+        return self
+
+
+class CoupledProduct(CoupledJacobian):
+    """`F_1 @ F_2 @ ... @ F_r`, at least one factor coupled; each factor kept as it is.
+
+    Notes
+    -----
+    `vjp` runs the factors' vjps left to right, `jvp` right to left, so a
+    product costs the sum of its factors' costs. Adjacent per-sample factors
+    are merged with their own product rule when the product is built.
+    """
+
+    def __init__(self, factors):
+        merged: list[Jacobian] = []
+        for factor in factors:
+            if merged and not merged[-1].couples_samples and not factor.couples_samples:
+                merged[-1] = _compose(merged[-1], factor)
+            else:
+                merged.append(factor)
+        self.factors = tuple(merged)
+        first, last = self.factors[0], self.factors[-1]
+        self.shape = (first.batch_size, first.out_dim, last.in_dim)
+        self.dtype = np.result_type(*[factor.dtype for factor in self.factors])
+
+    def _factors(self):
+        return self.factors
+
+    def _vjp(self, g):
+        for factor in self.factors:
+            g = factor._call_vjp(g)
+        return g
+
+    def _jvp(self, v):
+        for factor in reversed(self.factors):
+            v = factor._call_jvp(v)
+        return v
+
+    def _sum_vjp(self, g):
+        for factor in self.factors[:-1]:
+            g = factor._call_vjp(g)
+        # The last factor sums over samples its own way (one GEMM for Dense and conv).
+        return self.factors[-1]._sum_vjp(g)
+
+    def _to_dense(self):
+        dense = coupled_dense(self.factors[-1])
+        batch, _, _, n = dense.shape
+        for factor in reversed(self.factors[:-1]):
+            if factor.couples_samples:
+                dense = np.einsum("imbk,bkcn->imcn", factor.to_dense(), dense)
+            else:
+                k = dense.shape[1]
+                dense = factor._apply(dense.reshape(batch, k, batch * n))
+                dense = dense.reshape(batch, -1, batch, n)
+        return dense
+
+    def _transpose(self):
+        return CoupledProduct(tuple(factor.T for factor in reversed(self.factors)))
+
+
+class CoupledSum(CoupledJacobian):
+    """`sum_t c_t J_t` of operators of one shape, at least one coupled (Residual: `I + J`).
+
+    Notes
+    -----
+    `vjp` / `jvp` sum the terms' products: the cost is the sum of theirs. The
+    dense form embeds each per-sample term on the sample diagonal.
+    """
+
+    def __init__(self, terms, coefficients=None):
+        self.terms = tuple(terms)
+        self.coefficients = (tuple(1.0 for _ in self.terms) if coefficients is None
+                             else tuple(coefficients))
+        self.shape = self.terms[0].shape
+        self.dtype = np.result_type(*[term.dtype for term in self.terms])
+
+    def _vjp(self, g):
+        return sum(c * term._call_vjp(g) for c, term in zip(self.coefficients, self.terms,
+                                                            strict=True))
+
+    def _jvp(self, v):
+        return sum(c * term._call_jvp(v) for c, term in zip(self.coefficients, self.terms,
+                                                            strict=True))
+
+    def _to_dense(self):
+        return sum(c * coupled_dense(term) for c, term in zip(self.coefficients, self.terms,
+                                                              strict=True))
+
+    def _transpose(self):
+        return CoupledSum(tuple(term.T for term in self.terms), self.coefficients)
+
+    def _add(self, other):
+        return CoupledSum((*self.terms, other), (*self.coefficients, 1.0))
+
+    def _scale(self, scalar):
+        return CoupledSum(self.terms, tuple(scalar * c for c in self.coefficients))
+
+
+class DenseCoupledJacobian(CoupledJacobian):
+    """A materialized coupled operator, `data` `(B, m, B, n)` (explicit mode, `dense=True`).
+
+    Notes
+    -----
+    `vjp(g)_b = sum_i g_i data[i, :, b, :]`, `jvp` likewise: `O(B^2 m n)` each.
+    """
+
+    def __init__(self, data):
+        self.data = _array_of_layout(data, "DenseCoupledJacobian", "data", "(B, m, B, n)")
+        batch, m, other, n = self.data.shape
+        if other != batch:
+            raise ShapeError(f"DenseCoupledJacobian: `data` must be (B, m, B, n), got "
+                             f"{self.data.shape}")
+        self.shape = (batch, m, n)
+        self.dtype = self.data.dtype
+
+    def _vjp(self, g):
+        return np.einsum("im,imbn->bn", g, self.data)
+
+    def _jvp(self, v):
+        return np.einsum("imbn,bn->im", self.data, v)
+
+    def _to_dense(self):
+        return self.data.copy()
+
+    def _dense_view(self):
+        return self.data
+
+    def _transpose(self):
+        return DenseCoupledJacobian(self.data.transpose(2, 3, 0, 1))

@@ -1,0 +1,215 @@
+"""Pooling over spatial windows (max and average) and Flatten."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..jacobian import IdentityJacobian
+from ..jacobian_spatial import PoolJacobian, SelectionJacobian, pool_windows
+from .activations import ActivationCache
+from .base import Layer, register_layer
+from .conv import _divisor
+from .spatial import SpatialLayer, as_image_shape, pair
+
+__all__ = ["MaxPool2D", "AvgPool2D", "Flatten"]
+
+
+class MaxPoolCache(NamedTuple):
+    x: np.ndarray  # (B, C*H*W) input
+    indices: np.ndarray  # (B, m): the flat input index each output copied
+
+
+class _Pool2D(SpatialLayer):
+    """Windows of `kernel_size` every `stride` (default: the kernel), no padding, per channel."""
+
+    def __init__(self, kernel_size, *, stride=None, input_shape=None):
+        super().__init__()
+        where = type(self).__name__
+        self.kernel_size = pair(kernel_size, where, "kernel_size")
+        self.stride = self.kernel_size if stride is None else pair(stride, where, "stride")
+        self._windows = None
+        if input_shape is not None:
+            self.bind_input_shape(input_shape)
+
+    @classmethod
+    def example(cls, input_dim, *, rng, dtype=np.float64):
+        channels = _divisor(input_dim, rng)
+        height = _divisor(input_dim // channels, rng)
+        width = input_dim // channels // height
+        kernel = (int(rng.integers(1, min(3, height) + 1)),
+                  int(rng.integers(1, min(3, width) + 1)))
+        stride = None if rng.integers(2) else int(rng.integers(1, 3))
+        return cls(kernel, stride=stride, input_shape=(channels, height, width))
+
+    def config(self):
+        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "input_shape": None if self._input_shape is None else list(self._input_shape)}
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.kernel_size}, stride={self.stride}, "
+                f"input_shape={self._input_shape})")
+
+    def bind_input_shape(self, input_shape):
+        super().bind_input_shape(input_shape)
+        # Derived once from the geometry here, never in a forward pass.
+        self._windows = pool_windows(self._input_shape, self.kernel_size, self.stride)
+        self._offsets = self._windows[0] - self._windows[0, 0]  # the same in every window
+        _, ho, wo = self._output_shape(self._input_shape)
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        self._offset_slices = [(slice(i, i + sh * (ho - 1) + 1, sh),
+                                slice(j, j + sw * (wo - 1) + 1, sw))
+                               for i in range(kh) for j in range(kw)]
+
+    def _check_shape(self, input_shape):
+        _, height, width = as_image_shape(input_shape, self._where)
+        kh, kw = self.kernel_size
+        if height < kh or width < kw:
+            raise ValueError(f"{self._where}: the window {self.kernel_size} does not fit "
+                             f"`input_shape` {input_shape}")
+
+    def _output_shape(self, input_shape):
+        channels, height, width = input_shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        return channels, (height - kh) // sh + 1, (width - kw) // sw + 1
+
+    @property
+    def _overlapping(self) -> bool:
+        return self.stride[0] < self.kernel_size[0] or self.stride[1] < self.kernel_size[1]
+
+    def _windows_checked(self) -> np.ndarray:
+        self._require_shape()
+        return self._windows
+
+
+@register_layer
+class MaxPool2D(_Pool2D):
+    """Max over each `kernel_size` window of each channel: `y_j = max_{k in window j} x_k`.
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        Defaults to the kernel size.
+    input_shape : (int, int, int), optional
+        `(C, H, W)`; inferred inside a `Sequential`.
+
+    Notes
+    -----
+    `x` `(B, C*H*W)`, `y` `(B, C*Ho*Wo)`, `Ho = (H - kh) // sh + 1`. Each
+    output copies one input, so `dy_i/dx_i` is a per-sample selection
+    (`SelectionJacobian`, stored as the `(B, m)` indices): `vjp` scatters
+    `g` back to the winners, `jvp` gathers `v` at them.
+
+    Ties go to the first maximum in C-order of the window (row by row). A
+    tie is a kink: there the derivative jumps between the tied entries, so
+    finite differences mean nothing within a step of one. `tie_gaps(x)`
+    gives each window's margin (largest minus second largest); test inputs
+    must keep it clear (distinct entries, as random draws are).
+    """
+
+    tie_kinks = True
+
+    def tie_gaps(self, x) -> np.ndarray:
+        """`(B, m)`: for each window, its largest entry minus its second largest (inf for 1x1)."""
+        x = self._check_input(x)
+        values = np.sort(x[:, self._windows_checked()], axis=2)
+        if values.shape[2] < 2:
+            return np.full(values.shape[:2], np.inf)
+        return values[:, :, -1] - values[:, :, -2]
+
+    def _forward(self, x):
+        windows = self._windows_checked()
+        batch = x.shape[0]
+        image = x.reshape(batch, *self._input_shape)
+        # One strided view per window offset, in C-order of the window.
+        views = [image[:, :, rows, cols] for rows, cols in self._offset_slices]
+        # A strictly greater entry takes over, so ties stay with the first maximum. The
+        # winner is updated by arithmetic: np.copyto(..., where=) costs five times more.
+        best = views[0].copy()
+        winner = np.zeros(best.shape, np.int8 if len(views) < 128 else np.intp)
+        for k, view in enumerate(views[1:], start=1):
+            greater = view > best
+            np.maximum(best, view, out=best)
+            winner += (k - winner) * greater
+        size = windows.shape[0]
+        indices = windows[:, 0] + self._offsets[winner.reshape(batch, size)]
+        return best.reshape(batch, size), MaxPoolCache(x, indices)
+
+    def _jacobian(self, cache):
+        return SelectionJacobian(cache.indices, cache.x.shape[1],
+                                 distinct=not self._overlapping, dtype=cache.x.dtype)
+
+    def _vjp(self, cache, g, need_input):
+        return (self._jacobian(cache)._vjp(g) if need_input else None), {}
+
+    def _jvp(self, cache, v):
+        return np.take_along_axis(v, cache.indices, axis=1)
+
+
+@register_layer
+class AvgPool2D(_Pool2D):
+    """Mean over each `kernel_size` window of each channel: `y_j = mean_{k in window j} x_k`.
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        Defaults to the kernel size.
+    input_shape : (int, int, int), optional
+        `(C, H, W)`; inferred inside a `Sequential`.
+
+    Notes
+    -----
+    Linear, with one `(C*Ho*Wo, C*H*W)` matrix for every sample
+    (`PoolJacobian`, stored as the `(m, kh*kw)` window indices):
+    `dy_i/dx_i[j, k] = 1/(kh kw)` when input k is in window j.
+    """
+
+    def _jacobian(self, cache):
+        x = cache.x
+        return PoolJacobian(self._windows_checked(), x.shape[1], x.shape[0], x.dtype)
+
+    def _forward(self, x):
+        return self._jacobian(ActivationCache(x, None))._jvp(x), ActivationCache(x, None)
+
+    def _vjp(self, cache, g, need_input):
+        return (self._jacobian(cache)._vjp(g) if need_input else None), {}
+
+    def _jvp(self, cache, v):
+        return self._jacobian(cache)._jvp(v)
+
+
+@register_layer
+class Flatten(Layer):
+    """The identity on the raveled layout: `(B, C, H, W)` images become `(B, C*H*W)`.
+
+    Inside a network every sample is already its C-order ravel, so this layer
+    changes nothing; it exists so that stacks read as in PyTorch, and it ends
+    the spatial shape (a later layer sees plain features).
+
+    Notes
+    -----
+    `dy/dx = I_n` (an `IdentityJacobian`).
+    """
+
+    elementwise = True
+
+    def _check_input(self, x, where=None):
+        if isinstance(x, np.ndarray) and x.ndim > 2:
+            x = x.reshape(x.shape[0], -1)
+        return super()._check_input(x, where)
+
+    def _forward(self, x):
+        return x, ActivationCache(x, None)
+
+    def _vjp(self, cache, g, need_input):
+        return g, {}
+
+    def _jvp(self, cache, v):
+        return v
+
+    def _jacobian(self, cache):
+        x = cache.x
+        return IdentityJacobian(x.shape[0], x.shape[1], x.dtype)
