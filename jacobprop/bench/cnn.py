@@ -14,9 +14,8 @@ network written out by hand in NumPy, channels-last, one
 operators) and the peers `torch` (eager) and `jax` (`jit(value_and_grad)`).
 
 `--digits` instead trains a CNN on scikit-learn's 8x8 digits (an optional
-dependency, imported only then) on a 75/25 split for three seeds and prints
-the test accuracies. Its training loop is a plain Adam written here
-(`adam_loop`), kept apart so that it can become `jp.fit(..., optimizer=jp.Adam(...))`.
+dependency, imported only then) on a 75/25 split for three seeds with
+`jp.fit(..., optimizer=jp.Adam(2e-3))` and prints the test accuracies.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .. import (
+    Adam,
     Conv2D,
     Dense,
     Dropout,
@@ -39,11 +39,12 @@ from .. import (
     Sequential,
     SoftmaxCrossEntropy,
 )
+from ..training import fit
 from .peers import PeerMissing, import_peer, peer_versions, set_peer_threads
 from .timing import Case, machine_info, measure_group
 
 __all__ = ["CNNSpec", "CONFIGS", "build_cnn", "reference_value_and_grad", "run_cnn",
-           "adam_loop", "digits_cnn", "run_digits", "add_parser"]
+           "digits_cnn", "run_digits", "add_parser"]
 
 
 @dataclass(frozen=True)
@@ -314,31 +315,6 @@ def run_cnn(configs, dtypes, peers=(), *, repeats: int = 9, budget: float = 1.0,
 
 
 # ---- real data: digits -----------------------------------------------------------------
-def adam_loop(net, X, labels, loss, *, epochs: int, batch_size: int, lr: float,
-              rng: np.random.Generator, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-    """Plain Adam (PyTorch's update) over shuffled minibatches, in place on `net.params`.
-
-    Stand-in until the training branch's `jp.fit(net, X, T, loss,
-    optimizer=jp.Adam(lr), epochs=..., batch_size=..., rng=rng)` lands.
-    """
-    params = net.params
-    first = {key: np.zeros_like(value) for key, value in params.items()}
-    second = {key: np.zeros_like(value) for key, value in params.items()}
-    step = 0
-    for _ in range(epochs):
-        order = rng.permutation(len(X))
-        for start in range(0, len(X), batch_size):
-            chosen = order[start:start + batch_size]
-            _, grads = net.value_and_grad(X[chosen], labels[chosen], loss)
-            step += 1
-            for key, value in params.items():
-                first[key] = betas[0] * first[key] + (1 - betas[0]) * grads[key]
-                second[key] = betas[1] * second[key] + (1 - betas[1]) * grads[key] ** 2
-                corrected = first[key] / (1 - betas[0] ** step)
-                scale = np.sqrt(second[key] / (1 - betas[1] ** step)) + eps
-                value -= lr * corrected / scale
-
-
 def digits_cnn(*, rng: np.random.Generator) -> Sequential:
     """`Conv(1->32) -> ReLU -> Pool -> Conv(32->64) -> ReLU -> Pool -> Dropout(0.3) -> Dense`."""
     return Sequential(
@@ -349,7 +325,8 @@ def digits_cnn(*, rng: np.random.Generator) -> Sequential:
 
 
 def run_digits(seeds=(0, 1, 2), *, epochs: int = 30, stdout=None) -> list[float]:
-    """Train `digits_cnn` with Adam (lr 2e-3, batch 32) on digits; test in eval mode."""
+    """Train `digits_cnn` by `jp.fit` with Adam (lr 2e-3, batch 32) on digits; test in eval
+    mode."""
     stdout = sys.stdout if stdout is None else stdout
     try:
         datasets = importlib.import_module("sklearn.datasets")
@@ -367,8 +344,8 @@ def run_digits(seeds=(0, 1, 2), *, epochs: int = 30, stdout=None) -> list[float]
         rng = np.random.default_rng(seed)
         net = digits_cnn(rng=rng)
         start = time.perf_counter()
-        adam_loop(net.train(), X_train, y_train, SoftmaxCrossEntropy(), epochs=epochs,
-                  batch_size=32, lr=2e-3, rng=rng)
+        fit(net, X_train, y_train, SoftmaxCrossEntropy(), optimizer=Adam(2e-3),
+            epochs=epochs, batch_size=32, rng=rng, progress=False)
         seconds = time.perf_counter() - start
         accuracy = float((net.eval()(X_test).argmax(axis=1) == y_test).mean())
         accuracies.append(accuracy)
