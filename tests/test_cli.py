@@ -353,7 +353,8 @@ def test_grid_options_are_the_ones_only_a_workload_takes():
     suite_keys = set(vars(parser.parse_args(["bench"])))
     for workload in ("grad", "jacobian", "gradcheck"):
         workload_keys = set(vars(parser.parse_args(["bench", workload]))) - suite_keys
-        assert workload_keys == {option[2:].replace("-", "_") for option in cli._GRID_OPTIONS}
+        grid_options = cli.bench._GRID_OPTIONS
+        assert workload_keys == {option[2:].replace("-", "_") for option in grid_options}
 
 
 def test_json_path_that_is_a_directory_is_a_user_error(tmp_path, capsys):

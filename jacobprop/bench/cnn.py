@@ -40,11 +40,11 @@ from .. import (
     SoftmaxCrossEntropy,
 )
 from ..training import fit
-from .peers import PeerMissing, import_peer, peer_versions, set_peer_threads
+from .peers import PeerMissing, import_peer, peer_versions
 from .timing import Case, machine_info, measure_group
 
 __all__ = ["CNNSpec", "CONFIGS", "build_cnn", "reference_value_and_grad", "run_cnn",
-           "digits_cnn", "run_digits", "add_parser"]
+           "digits_cnn", "run_digits", "CNN_PEERS"]
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,8 @@ def _jax_case(weights, x, labels, spec):
     return run, convert
 
 
-_PEERS = {"torch": _torch_case, "jax": _jax_case}
+#: Peers with a cnn workload: name -> `(run, convert)` builder of its case.
+CNN_PEERS = {"torch": _torch_case, "jax": _jax_case}
 
 
 # ---- one group -------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def cnn_cases(spec: CNNSpec, peers=(), *, seed: int = 0) -> list[Case]:
     ]
     for name in peers:
         try:
-            run, convert = _PEERS[name](weights, x, labels, spec)
+            run, convert = CNN_PEERS[name](weights, x, labels, spec)
         except PeerMissing as error:
             cases.append(Case(name, skip=str(error), peer=name))
             continue
@@ -355,53 +356,3 @@ def run_digits(seeds=(0, 1, 2), *, epochs: int = 30, stdout=None) -> list[float]
     stdout.write(f"digits mean test accuracy over {len(seeds)} seeds: "
                  f"{np.mean(accuracies):.4f}\n")
     return accuracies
-
-
-# ---- command line ----------------------------------------------------------------------
-def add_parser(workloads, parents) -> None:
-    """Register `jacobprop bench cnn` on the bench sub-parsers."""
-    sub = workloads.add_parser(
-        "cnn", help="small CNN and CIFAR-sized CNN: loss + gradients vs a NumPy im2col "
-                    "baseline and peers; --digits trains on scikit-learn's digits",
-        description=__doc__.split("\n\n")[0], parents=parents)
-    sub.add_argument("--config", default="small,cifar", metavar="LIST",
-                     help="configurations: small (1x8x8, B=32,256), cifar (3x32x32, B=64)")
-    sub.add_argument("--dtype", default="float64,float32", metavar="LIST",
-                     help="float64 and/or float32 (default both)")
-    sub.add_argument("--digits", action="store_true",
-                     help="train on scikit-learn's digits (3 seeds) instead of timing")
-    sub.add_argument("--epochs", type=int, default=30, help="epochs of the digits run")
-
-
-def main_cnn(args) -> int:
-    """Run the `cnn` workload from parsed arguments; return the exit code."""
-    from ..cli import EXIT_FAILED, EXIT_OK, UsageError
-
-    if getattr(args, "json_path", None) or getattr(args, "plot_path", None):
-        raise UsageError("jacobprop bench cnn: --json and --plot follow the schema of the MLP "
-                         "workloads, which the cnn rows do not fit yet; redirect the table "
-                         "instead (> cnn.txt)")
-    if args.digits:
-        try:
-            run_digits(epochs=args.epochs)
-        except PeerMissing as error:
-            raise UsageError(f"jacobprop bench cnn --digits: {error}") from None
-        return EXIT_OK
-    configs = [name.strip() for name in args.config.split(",") if name.strip()]
-    dtypes = [name.strip() for name in args.dtype.split(",") if name.strip()]
-    for name in configs:
-        if name not in CONFIGS:
-            raise UsageError(f"jacobprop bench cnn: unknown --config {name!r} "
-                             f"(choose from {', '.join(CONFIGS)})")
-    for name in dtypes:
-        if name not in ("float64", "float32"):
-            raise UsageError(f"jacobprop bench cnn: unsupported --dtype {name!r}")
-    peers = tuple(name for name in (args.against or []) if name in _PEERS)
-    for name in args.against or []:
-        if name not in _PEERS:
-            print(f"peer {name!r} has no cnn workload (torch and jax do); skipping",
-                  file=sys.stderr)
-    set_peer_threads(peers, getattr(args, "peer_threads", None))
-    rows = run_cnn(configs, dtypes, peers, repeats=args.repeats or 9,
-                   budget=args.budget or 1.0, seed=args.seed)
-    return EXIT_FAILED if any("error" in row for row in rows) else EXIT_OK

@@ -36,10 +36,12 @@ from ..scipy_bridge import least_squares
 from ..training import fit
 from .timing import Case, machine_info, measure_group
 
-__all__ = ["TrainOptions", "run_train_bench", "format_train_report", "digits_comparison",
+__all__ = ["PARTS", "TrainOptions", "run_train_bench", "format_train_report", "digits_comparison",
            "sine_comparison", "step_timing", "optimizer_agreement"]
 
 STEP_BATCHES = 64  # steps per timed epoch in the loop paths
+#: The parts of a run, in the order they run (`--parts`).
+PARTS = ("digits", "sine", "step", "optim")
 
 
 class TrainOptions:
@@ -47,7 +49,7 @@ class TrainOptions:
 
     def __init__(self, *, seeds: int = 5, epochs: int = 200, batch_size: int = 200,
                  lr: float = 1e-3, adam_steps: int = 5000, adam_lr: float = 1e-2,
-                 repeats: int = 15, parts=("digits", "sine", "step", "optim")):
+                 repeats: int = 15, parts=PARTS):
         self.seeds, self.epochs, self.batch_size, self.lr = seeds, epochs, batch_size, lr
         self.adam_steps, self.adam_lr, self.repeats = adam_steps, adam_lr, repeats
         self.parts = tuple(parts)
@@ -437,64 +439,3 @@ def format_train_report(doc: dict) -> str:
                            f"{row['max_abs_difference']:.2e} "
                            f"({row['max_abs_difference'] / row['eps']:.1f} eps)")
     return "\n".join(out) + "\n"
-
-
-
-# ---- the command line --------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    """The options of `jacobprop bench train`."""
-    parser.add_argument("--seeds", type=int, default=5, metavar="N",
-                        help="seeds (splits, initial weights, shuffling) per comparison "
-                             "(default 5)")
-    parser.add_argument("--epochs", type=int, default=200, metavar="N",
-                        help="digits epochs for both libraries (default 200, "
-                             "MLPClassifier's max_iter default)")
-    parser.add_argument("--adam-steps", type=int, default=5000, metavar="N",
-                        help="full-batch Adam steps on the noisy sine (default 5000)")
-    parser.add_argument("--step-repeats", type=int, default=15, metavar="N",
-                        help="interleaved rounds of the step timing (default 15)")
-    parser.add_argument("--parts", default="digits,sine,step,optim", metavar="LIST",
-                        help="which parts to run: digits, sine, step, optim (the optimizers "
-                             "against torch.optim, when torch is installed; default: all)")
-    parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
-                        help="also write the results as JSON (a document of its own shape, "
-                             "not the --print-schema one)")
-    parser.add_argument("--quiet", "-q", action="store_true",
-                        help="no per-seed progress lines on stderr")
-
-
-def run_from_args(args, command: str, *, stdout, stderr) -> int:
-    """Validate the options, run, print the report; the exit code (2 on bad usage)."""
-    import json
-
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"digits", "sine", "step", "optim"})
-    numbers = {"--seeds": args.seeds, "--epochs": args.epochs,
-               "--adam-steps": args.adam_steps, "--step-repeats": args.step_repeats}
-    bad = [name for name, value in numbers.items() if value < 1]
-    if unknown or not parts or bad:
-        what = f"unknown parts {unknown}" if unknown or not parts else f"{bad[0]} must be >= 1"
-        print(f"jacobprop bench train: {what} (see --help)", file=stderr)
-        return 2
-    if args.json_path is not None:
-        from ..cli import UsageError, _check_writable
-
-        try:
-            _check_writable(args.json_path, "--json")
-        except UsageError as error:
-            print(f"{error} (see --help)", file=stderr)
-            return 2
-    options = TrainOptions(seeds=args.seeds, epochs=args.epochs, adam_steps=args.adam_steps,
-                           repeats=args.step_repeats, parts=parts)
-
-    def log(line):
-        if not args.quiet:
-            print(line, file=stderr, flush=True)
-
-    doc = run_train_bench(options, command=command, log=log)
-    stdout.write(format_train_report(doc))
-    if args.json_path is not None:
-        with open(args.json_path, "w", encoding="utf-8") as handle:
-            json.dump(doc, handle, indent=1, allow_nan=False)
-            handle.write("\n")
-    return 0
