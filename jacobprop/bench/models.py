@@ -21,6 +21,7 @@ __all__ = [
     "MLPSpec",
     "activation_names",
     "build_mlp",
+    "softmax_cross_entropy_head",
     "dense_weights",
     "grad_flops",
     "forward_flops",
@@ -209,6 +210,26 @@ REFERENCE_ACTIVATIONS = {
 }
 
 
+def softmax_cross_entropy_head(y: np.ndarray, labels) -> tuple[float, np.ndarray]:
+    """Mean softmax cross-entropy of logits `y` `(B, C)` and its gradient `(B, C)`.
+
+    `L = (1/B) sum_i (logsumexp(y_i) - y_i[t_i])`, `dL/dy = (softmax(y) -
+    onehot(t)) / B`. Shifts `y` by its row maxima in place (the NumPy
+    baselines own their logits), and reuses one array for the exponentials
+    and the gradient, as a hand-fused step would.
+    """
+    batch = y.shape[0]
+    y -= y.max(axis=1, keepdims=True)
+    p = np.exp(y)
+    sums = p.sum(axis=1)
+    rows = np.arange(batch)
+    value = float(np.log(sums).sum() - y[rows, labels].sum()) / batch
+    p /= sums[:, None]
+    p[rows, labels] -= 1.0
+    p *= 1.0 / batch
+    return value, p
+
+
 def reference_value_and_grad(weights, x, labels, activation="ReLU"):
     """Softmax cross-entropy of an MLP and its gradients, written out in NumPy.
 
@@ -235,7 +256,6 @@ def reference_value_and_grad(weights, x, labels, activation="ReLU"):
     `dW_l = G^T a_{l-1}`, `db_l = sum_i G_i`, then `G <- (G W_l) * f'(z_{l-1})`.
     """
     forward, backward = REFERENCE_ACTIVATIONS[activation]
-    batch = x.shape[0]
     last = len(weights) - 1
     inputs = []
     h = x
@@ -244,16 +264,7 @@ def reference_value_and_grad(weights, x, labels, activation="ReLU"):
         z = h @ W.T
         z += b
         h = forward(z) if index < last else z
-    y = h
-    y -= y.max(axis=1, keepdims=True)
-    p = np.exp(y)
-    sums = p.sum(axis=1)
-    rows = np.arange(batch)
-    value = float(np.log(sums).sum() - y[rows, labels].sum()) / batch
-    p /= sums[:, None]
-    p[rows, labels] -= 1.0
-    p *= 1.0 / batch
-    g = p
+    value, g = softmax_cross_entropy_head(h, labels)
     grads = [None] * len(weights)
     for index in range(last, -1, -1):
         grads[index] = (g.T @ inputs[index], g.sum(axis=0))

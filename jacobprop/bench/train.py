@@ -34,6 +34,7 @@ import numpy as np
 from .. import MSE, SGD, Adam, Dense, ReLU, Sequential, SoftmaxCrossEntropy, Tanh
 from ..scipy_bridge import least_squares
 from ..training import fit
+from .models import softmax_cross_entropy_head
 from .timing import Case, machine_info, measure_group
 
 __all__ = ["PARTS", "TrainOptions", "run_train_bench", "format_train_report", "digits_comparison",
@@ -201,20 +202,12 @@ def sine_comparison(options: TrainOptions, log=print) -> dict:
 def _fused_numpy_step(weights, x, labels, lr):
     """Forward, backward and SGD update of `Dense -> ReLU -> Dense` + softmax CE, in place."""
     W1, b1, W2, b2 = weights
-    batch = x.shape[0]
     z = x @ W1.T
     z += b1
     a = np.maximum(z, 0, out=z)
     y = a @ W2.T
     y += b2
-    y -= y.max(axis=1, keepdims=True)
-    p = np.exp(y)
-    sums = p.sum(axis=1)
-    rows = np.arange(batch)
-    value = float(np.log(sums).sum() - y[rows, labels].sum()) / batch
-    p /= sums[:, None]
-    p[rows, labels] -= 1.0
-    p *= 1.0 / batch
+    value, p = softmax_cross_entropy_head(y, labels)
     g = p @ W2  # before W2 moves
     g *= a > 0
     W2 -= lr * (p.T @ a)
