@@ -40,7 +40,13 @@ from .. import (
     SoftmaxCrossEntropy,
 )
 from ..training import fit
-from .peers import PeerMissing, import_peer, peer_versions
+from .peers import (
+    PeerMissing,
+    import_jax,
+    import_peer,
+    jax_mean_cross_entropy,
+    peer_versions,
+)
 from .timing import Case, machine_info, measure_group
 
 __all__ = ["CNNSpec", "CONFIGS", "build_cnn", "reference_value_and_grad", "run_cnn",
@@ -189,12 +195,8 @@ def _torch_case(weights, x, labels, spec):
 
 
 def _jax_case(weights, x, labels, spec):
-    jax = import_peer("jax")
-    if spec.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    jnp = importlib.import_module("jax.numpy")
+    jax, jnp = import_jax(spec.dtype)
     lax = importlib.import_module("jax.lax")
-    logsumexp = importlib.import_module("jax.scipy.special").logsumexp
 
     def block(h, W, b):
         h = lax.conv_general_dilated(h, W, (1, 1), ((1, 1), (1, 1)),
@@ -205,9 +207,7 @@ def _jax_case(weights, x, labels, spec):
     def loss(params, images, targets):
         W1, b1, W2, b2, W3, b3 = params
         h = block(block(images, W1, b1), W2, b2)
-        logits = h.reshape(h.shape[0], -1) @ W3.T + b3
-        logp = logits - logsumexp(logits, axis=1, keepdims=True)
-        return -jnp.mean(jnp.take_along_axis(logp, targets[:, None], axis=1))
+        return jax_mean_cross_entropy(h.reshape(h.shape[0], -1) @ W3.T + b3, targets)
 
     step = jax.jit(jax.value_and_grad(loss))
     params = [jnp.asarray(w) for w in weights]

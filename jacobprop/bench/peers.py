@@ -16,7 +16,8 @@ import numpy as np
 
 from .models import MLPSpec
 
-__all__ = ["PEERS", "PeerMissing", "import_peer", "peer_versions", "set_peer_threads",
+__all__ = ["PEERS", "PeerMissing", "import_peer", "import_jax", "jax_activation",
+           "jax_mean_cross_entropy", "torch_activation", "peer_versions", "set_peer_threads",
            "grad_callable", "torch_gradcheck_callable"]
 
 #: Peer name -> (module to import, pip package name).
@@ -108,13 +109,19 @@ _TORCH_ACTIVATIONS = {
 }
 
 
+def torch_activation(name: str):
+    """torch's function for the jacobprop activation `name`; `PeerUnsupported` if unmapped."""
+    functional = import_peer("torch").nn.functional
+    if name not in _TORCH_ACTIVATIONS:
+        raise PeerUnsupported(f"no torch activation mapped for {name}")
+    function = _TORCH_ACTIVATIONS[name]
+    return (lambda z: z) if function is None else getattr(functional, function)
+
+
 def _torch_mlp(spec):
     torch = import_peer("torch")
     functional = torch.nn.functional
-    if spec.activation not in _TORCH_ACTIVATIONS:
-        raise PeerUnsupported(f"no torch activation mapped for {spec.activation}")
-    name = _TORCH_ACTIVATIONS[spec.activation]
-    activation = (lambda z: z) if name is None else getattr(functional, name)
+    activation = torch_activation(spec.activation)
 
     def logits(xt, flat):
         h = xt
@@ -173,19 +180,37 @@ def torch_gradcheck_callable(spec: MLPSpec, weights, x, labels):
 
 
 # ---- jax --------------------------------------------------------------------------
-def _jax_grad(spec, weights, x, labels):
+def import_jax(dtype: str):
+    """`(jax, jax.numpy)`, with 64-bit arrays switched on for float64 (jax's default is 32)."""
     jax = import_peer("jax")
-    if spec.dtype == "float64":
+    if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    return jax, importlib.import_module("jax.numpy")
+
+
+def jax_activation(name: str):
+    """jax's function for the jacobprop activation `name`; `PeerUnsupported` if unmapped."""
     jnp = importlib.import_module("jax.numpy")
     nn = importlib.import_module("jax.nn")
-    logsumexp = importlib.import_module("jax.scipy.special").logsumexp
     activations = {"ReLU": nn.relu, "Tanh": jnp.tanh, "Sigmoid": nn.sigmoid,
                    "Softplus": nn.softplus, "Identity": lambda z: z,
                    "LeakyReLU": lambda z: nn.leaky_relu(z, 0.01)}
-    if spec.activation not in activations:
-        raise PeerUnsupported(f"no jax activation mapped for {spec.activation}")
-    activation = activations[spec.activation]
+    if name not in activations:
+        raise PeerUnsupported(f"no jax activation mapped for {name}")
+    return activations[name]
+
+
+def jax_mean_cross_entropy(logits, labels):
+    """Mean softmax cross-entropy of jax logits `(B, C)` against integer labels `(B,)`."""
+    jnp = importlib.import_module("jax.numpy")
+    logsumexp = importlib.import_module("jax.scipy.special").logsumexp
+    logp = logits - logsumexp(logits, axis=1, keepdims=True)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+
+def _jax_grad(spec, weights, x, labels):
+    jax, jnp = import_jax(spec.dtype)
+    activation = jax_activation(spec.activation)
 
     def loss(params, xj, lj):
         h = xj
@@ -193,8 +218,7 @@ def _jax_grad(spec, weights, x, labels):
             h = h @ W.T + b
             if index < len(params) - 1:
                 h = activation(h)
-        logp = h - logsumexp(h, axis=1, keepdims=True)
-        return -jnp.mean(jnp.take_along_axis(logp, lj[:, None], axis=1))
+        return jax_mean_cross_entropy(h, lj)
 
     step = jax.jit(jax.value_and_grad(loss))
     params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in weights]
