@@ -342,93 +342,111 @@ def run_train_bench(options: TrainOptions, *, command: str = "", log=print) -> d
     return doc
 
 
+def _digits_lines(digits: dict) -> list[str]:
+    out = []
+    setup = digits["setup"]
+    out.append(f"digits ({setup['train']} train / {setup['test']} test), "
+               f"{setup['architecture']}, Adam lr {setup['lr']}, batch "
+               f"{setup['batch_size']}, {setup['epochs']} epochs; scikit-learn "
+               f"{digits['sklearn_version']}")
+    out.append(f"{'seed':>4}  {'jp acc':>7}  {'sk acc':>7}  {'jp ms/epoch':>11}  "
+               f"{'sk ms/epoch':>11}")
+    for row in digits["rows"]:
+        jp_, sk = row["jacobprop"], row["sklearn"]
+        out.append(f"{row['seed']:>4}  {jp_['accuracy']:7.4f}  {sk['accuracy']:7.4f}  "
+                   f"{1e3 * jp_['seconds_per_epoch']:11.3f}  "
+                   f"{1e3 * sk['seconds_per_epoch']:11.3f}")
+    s = digits["summary"]
+    out.append(f"mean accuracy: jacobprop {s['jacobprop']['mean_accuracy']:.4f} "
+               f"(sd {s['jacobprop']['std_accuracy']:.4f}), scikit-learn "
+               f"{s['sklearn']['mean_accuracy']:.4f} "
+               f"(sd {s['sklearn']['std_accuracy']:.4f}); gap "
+               f"{s['accuracy_gap_points']:+.2f} points "
+               f"[target: within 1 point: "
+               f"{'met' if abs(s['accuracy_gap_points']) <= 1 else 'MISSED'}]")
+    out.append(f"median time per epoch: jacobprop "
+               f"{1e3 * s['jacobprop']['median_seconds_per_epoch']:.3f} ms, "
+               f"scikit-learn {1e3 * s['sklearn']['median_seconds_per_epoch']:.3f} ms; "
+               f"ratio {s['epoch_time_ratio']:.2f} [target: <= 1: "
+               f"{'met' if s['epoch_time_ratio'] <= 1 else 'MISSED'}]")
+    return out
+
+
+def _sine_lines(sine: dict) -> list[str]:
+    out = []
+    setup = sine["setup"]
+    out.append(f"noisy sine ({setup['samples']} points, noise sd {setup['noise']}), "
+               f"{setup['architecture']}: full-batch Adam (lr {setup['adam_lr']}, "
+               f"{setup['adam_steps']} steps) vs least_squares(lm) with the smallest "
+               f"max_nfev of {setup['lm_budgets']} that gets below Adam's MSE")
+    out.append(f"{'seed':>4}  {'adam mse':>9}  {'adam evals':>10}  {'lm mse':>9}  "
+               f"{'lm nfev+njev':>12}  {'adam clean':>10}  {'lm clean':>9}  "
+               f"{'adam s':>6}  {'lm s':>6}")
+    for row in sine["rows"]:
+        lm, adam = row["lm"], row["adam"]
+        out.append(f"{row['seed']:>4}  {adam['mse']:9.6f}  {adam['evaluations']:>10}  "
+                   f"{lm['mse']:9.6f}  {str(lm['nfev']) + '+' + str(lm['njev']):>12}  "
+                   f"{adam['clean_mse']:10.6f}  {lm['clean_mse']:9.6f}  "
+                   f"{adam['seconds']:6.2f}  {lm['seconds']:6.2f}")
+    out.append("(clean: MSE against the noiseless sin on 1001 grid points)")
+    s = sine["summary"]
+    met = s["lm_lower_in_all_seeds"] and s["lm_fewer_evaluations_in_all_seeds"]
+    out.append(f"lm below Adam in every seed: {s['lm_lower_in_all_seeds']}; with fewer "
+               f"evaluations in every seed: {s['lm_fewer_evaluations_in_all_seeds']} "
+               f"[target: {'met' if met else 'MISSED'}]")
+    return out
+
+
+def _step_lines(step: dict) -> list[str]:
+    out = []
+    out.append(f"one SGD step, Dense(w, w) -> ReLU -> Dense(w, 10), float64, medians of "
+               f"{step['repeats']} interleaved rounds (microseconds per step)")
+    for group in step["groups"]:
+        out.append(f"B={group['batch']} width {group['width']}:")
+        for path, seconds in group["seconds_per_step"].items():
+            out.append(f"  {path:32s} {1e6 * seconds:9.2f}")
+        verdict = ""
+        if (group["batch"], group["width"]) == (32, 128):
+            verdict = (f" [target: <= 1.25: "
+                       f"{'met' if group['engine_over_numpy'] <= 1.25 else 'MISSED'}]")
+        out.append(f"  engine step / numpy step {group['engine_over_numpy']:.2f}{verdict}; "
+                   f"fit step / numpy loop step {group['fit_over_numpy_loop']:.2f}; "
+                   f"fit step / numpy step {group['fit_over_numpy_step']:.2f}")
+    return out
+
+
+def _optim_lines(agreement: dict) -> list[str]:
+    out = []
+    out.append(f"optimizers vs torch.optim {agreement['torch_version']}: max abs "
+               f"difference of the parameters over {agreement['steps']} random steps "
+               "(lr 0.01, starting from N(0, 1))")
+    for row in agreement["rows"]:
+        out.append(f"  {row['dtype']:8s} {row['optimizer']:84s} vs {row['torch']:6s} "
+                   f"{row['max_abs_difference']:.2e} "
+                   f"({row['max_abs_difference'] / row['eps']:.1f} eps)")
+    return out
+
+
+#: Each part's name in the report (also for "skipped") and the lines of its section.
+_REPORT_SECTIONS = {"digits": ("digits", _digits_lines), "sine": ("noisy sine", _sine_lines),
+                    "step": ("one SGD step", _step_lines),
+                    "optim": ("optimizers vs torch.optim", _optim_lines)}
+
+
 def format_train_report(doc: dict) -> str:
     """The text report: per-seed tables, summaries and the targets' verdicts."""
     out = [f"# {doc['command'] or 'jacobprop bench train'}"]
     machine = doc["machine"]
     out.append(f"# machine: {machine['cpu']}, {machine['cores']} cores, load "
                f"{machine['load_average']}, numpy {machine['numpy']}, env {machine['env']}")
-    digits = doc.get("digits")
-    if digits is not None:
+    for part in PARTS:
+        results = doc.get(part)
+        if results is None:
+            continue
+        title, lines = _REPORT_SECTIONS[part]
         out.append("")
-        if "skipped" in digits:
-            out.append(f"digits: skipped: {digits['skipped']}")
+        if "skipped" in results:
+            out.append(f"{title}: skipped: {results['skipped']}")
         else:
-            setup = digits["setup"]
-            out.append(f"digits ({setup['train']} train / {setup['test']} test), "
-                       f"{setup['architecture']}, Adam lr {setup['lr']}, batch "
-                       f"{setup['batch_size']}, {setup['epochs']} epochs; scikit-learn "
-                       f"{digits['sklearn_version']}")
-            out.append(f"{'seed':>4}  {'jp acc':>7}  {'sk acc':>7}  {'jp ms/epoch':>11}  "
-                       f"{'sk ms/epoch':>11}")
-            for row in digits["rows"]:
-                jp_, sk = row["jacobprop"], row["sklearn"]
-                out.append(f"{row['seed']:>4}  {jp_['accuracy']:7.4f}  {sk['accuracy']:7.4f}  "
-                           f"{1e3 * jp_['seconds_per_epoch']:11.3f}  "
-                           f"{1e3 * sk['seconds_per_epoch']:11.3f}")
-            s = digits["summary"]
-            out.append(f"mean accuracy: jacobprop {s['jacobprop']['mean_accuracy']:.4f} "
-                       f"(sd {s['jacobprop']['std_accuracy']:.4f}), scikit-learn "
-                       f"{s['sklearn']['mean_accuracy']:.4f} "
-                       f"(sd {s['sklearn']['std_accuracy']:.4f}); gap "
-                       f"{s['accuracy_gap_points']:+.2f} points "
-                       f"[target: within 1 point: "
-                       f"{'met' if abs(s['accuracy_gap_points']) <= 1 else 'MISSED'}]")
-            out.append(f"median time per epoch: jacobprop "
-                       f"{1e3 * s['jacobprop']['median_seconds_per_epoch']:.3f} ms, "
-                       f"scikit-learn {1e3 * s['sklearn']['median_seconds_per_epoch']:.3f} ms; "
-                       f"ratio {s['epoch_time_ratio']:.2f} [target: <= 1: "
-                       f"{'met' if s['epoch_time_ratio'] <= 1 else 'MISSED'}]")
-    sine = doc.get("sine")
-    if sine is not None:
-        setup = sine["setup"]
-        out.append("")
-        out.append(f"noisy sine ({setup['samples']} points, noise sd {setup['noise']}), "
-                   f"{setup['architecture']}: full-batch Adam (lr {setup['adam_lr']}, "
-                   f"{setup['adam_steps']} steps) vs least_squares(lm) with the smallest "
-                   f"max_nfev of {setup['lm_budgets']} that gets below Adam's MSE")
-        out.append(f"{'seed':>4}  {'adam mse':>9}  {'adam evals':>10}  {'lm mse':>9}  "
-                   f"{'lm nfev+njev':>12}  {'adam clean':>10}  {'lm clean':>9}  "
-                   f"{'adam s':>6}  {'lm s':>6}")
-        for row in sine["rows"]:
-            lm, adam = row["lm"], row["adam"]
-            out.append(f"{row['seed']:>4}  {adam['mse']:9.6f}  {adam['evaluations']:>10}  "
-                       f"{lm['mse']:9.6f}  {str(lm['nfev']) + '+' + str(lm['njev']):>12}  "
-                       f"{adam['clean_mse']:10.6f}  {lm['clean_mse']:9.6f}  "
-                       f"{adam['seconds']:6.2f}  {lm['seconds']:6.2f}")
-        out.append("(clean: MSE against the noiseless sin on 1001 grid points)")
-        s = sine["summary"]
-        met = s["lm_lower_in_all_seeds"] and s["lm_fewer_evaluations_in_all_seeds"]
-        out.append(f"lm below Adam in every seed: {s['lm_lower_in_all_seeds']}; with fewer "
-                   f"evaluations in every seed: {s['lm_fewer_evaluations_in_all_seeds']} "
-                   f"[target: {'met' if met else 'MISSED'}]")
-    step = doc.get("step")
-    if step is not None:
-        out.append("")
-        out.append(f"one SGD step, Dense(w, w) -> ReLU -> Dense(w, 10), float64, medians of "
-                   f"{step['repeats']} interleaved rounds (microseconds per step)")
-        for group in step["groups"]:
-            out.append(f"B={group['batch']} width {group['width']}:")
-            for path, seconds in group["seconds_per_step"].items():
-                out.append(f"  {path:32s} {1e6 * seconds:9.2f}")
-            verdict = ""
-            if (group["batch"], group["width"]) == (32, 128):
-                verdict = (f" [target: <= 1.25: "
-                           f"{'met' if group['engine_over_numpy'] <= 1.25 else 'MISSED'}]")
-            out.append(f"  engine step / numpy step {group['engine_over_numpy']:.2f}{verdict}; "
-                       f"fit step / numpy loop step {group['fit_over_numpy_loop']:.2f}; "
-                       f"fit step / numpy step {group['fit_over_numpy_step']:.2f}")
-    agreement = doc.get("optim")
-    if agreement is not None:
-        out.append("")
-        if "skipped" in agreement:
-            out.append(f"optimizers vs torch.optim: skipped: {agreement['skipped']}")
-        else:
-            out.append(f"optimizers vs torch.optim {agreement['torch_version']}: max abs "
-                       f"difference of the parameters over {agreement['steps']} random steps "
-                       "(lr 0.01, starting from N(0, 1))")
-            for row in agreement["rows"]:
-                out.append(f"  {row['dtype']:8s} {row['optimizer']:84s} vs {row['torch']:6s} "
-                           f"{row['max_abs_difference']:.2e} "
-                           f"({row['max_abs_difference'] / row['eps']:.1f} eps)")
+            out.extend(lines(results))
     return "\n".join(out) + "\n"
