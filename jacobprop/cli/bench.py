@@ -2,7 +2,7 @@
 
 A grid workload (grad, jacobian, ...) or a suite becomes a `BenchPlan` and an
 `Output` (`plan_from_args`), measured by `run`. `train` and `cnn` are not
-grids: each has its own options, plan and runner, registered in `RUNNERS`.
+grids: each has its own options, plan and runner, registered once in `RUNNERS`.
 `plan_command` picks one of them and returns `(run, plan)` for `main`.
 """
 
@@ -12,8 +12,10 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 from .base import (
     DTYPES,
@@ -32,7 +34,7 @@ from .base import (
 
 __all__ = ["EPILOG", "Output", "add_parser", "grid_option_hint", "plan_command",
            "plan_from_args", "run", "TrainPlan", "plan_train", "run_train", "CNNPlan",
-           "plan_cnn", "run_cnn", "RUNNERS"]
+           "plan_cnn", "run_cnn", "Workload", "RUNNERS"]
 
 EPILOG = """\
 examples:
@@ -255,9 +257,9 @@ def add_parser(commands) -> None:
     for name, defaults in _WORKLOAD_DEFAULTS.items():
         _add_grid_arguments(_workload_parser(workloads, name, _WORKLOAD_HELP[name],
                                              [_common_options(suppress=True)]), defaults)
-    _add_train_arguments(_workload_parser(workloads, "train", _TRAIN_HELP))
-    _add_cnn_arguments(_workload_parser(workloads, "cnn", _CNN_HELP,
-                                        [_common_options(suppress=True)]))
+    for name, workload in RUNNERS.items():
+        parents = [_common_options(suppress=True)] if workload.common_options else []
+        workload.add_arguments(_workload_parser(workloads, name, workload.help, parents))
 
 
 def grid_option_hint(argv) -> UsageError | None:
@@ -501,8 +503,21 @@ def run_cnn(plan: CNNPlan, *, stdout=None, stderr=None) -> int:
 
 
 # ---- which runner -----------------------------------------------------------------------
-#: Workloads that are not a grid of MLPs: name -> (plan(args, argv), run(plan)).
-RUNNERS = {"train": (plan_train, run_train), "cnn": (plan_cnn, run_cnn)}
+class Workload(NamedTuple):
+    """A workload with options, a plan and a runner of its own (not a grid of MLPs)."""
+
+    help: str
+    add_arguments: Callable  # (parser) -> None
+    plan: Callable  # (args, argv) -> plan; raises UsageError
+    run: Callable  # (plan) -> exit code
+    common_options: bool  # also takes the measurement and output options
+
+
+#: The workloads that are not grids, each registered once: parser, plan and runner.
+RUNNERS = {
+    "train": Workload(_TRAIN_HELP, _add_train_arguments, plan_train, run_train, False),
+    "cnn": Workload(_CNN_HELP, _add_cnn_arguments, plan_cnn, run_cnn, True),
+}
 
 
 def plan_command(args, argv) -> tuple:
@@ -512,7 +527,7 @@ def plan_command(args, argv) -> tuple:
     if args.list_suites:
         return _print_text, _suites_text()
     if args.workload in RUNNERS:
-        plan_workload, run_workload = RUNNERS[args.workload]
-        return run_workload, plan_workload(args, argv)
+        workload = RUNNERS[args.workload]
+        return workload.run, workload.plan(args, argv)
     plan, output = plan_from_args(args, argv)
     return partial(run, output=output), plan
