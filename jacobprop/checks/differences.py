@@ -61,6 +61,9 @@ class _Evaluator:
         self.kinks = [tuple(float(k) for k in type(leaf.work).kinks) for leaf in leaves]
         # A layer whose samples interact must see each perturbed batch on its own.
         self.coupled = [bool(leaf.work.couples_samples) for leaf in leaves]
+        # Leaves whose shortcut hooks disagreed with their forward pass (`hooks.py`):
+        # their perturbations always go through the forward pass.
+        self.untrusted: set[int] = set()
         width = max(a.shape[1] for a in acts)
         self.chunk = max(1, _CHUNK // (self.batch * width))
 
@@ -156,7 +159,8 @@ class _Evaluator:
         activated = activated.reshape(groups, self.batch)
         following = after + 1
         columns = None
-        if following < len(self.leaves) and not self.kinks[following]:
+        if (following < len(self.leaves) and not self.kinks[following]
+                and following not in self.untrusted):
             columns = self.leaves[following].work._affine_input_columns(rows)
         if columns is not None:
             # Column j of its input moved by c, so its output moves by c M[:, j]: no pass.
@@ -172,6 +176,8 @@ class _Evaluator:
 
     def _affine_change(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
         """The hook `Layer._affine_param_change` of leaf `index` at its cached input."""
+        if index in self.untrusted:
+            return None
         work = self.leaves[index].work
         return work._affine_param_change(self.acts[index], name, coords, steps)
 

@@ -19,6 +19,7 @@ from .differences import (
     _step,
     _sweep,
 )
+from .hooks import _verify_hooks
 from .kinks import _direction_split, _jacobian_split, _judge
 from .reports import CheckEntry, GradcheckReport, _entry
 from .tolerance import (
@@ -233,6 +234,9 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     ev = _Evaluator(leaves, np.asarray(x_live, dtype=np.float64))
     y0 = ev.acts[-1]
     type_name = type(layer).__name__
+    # Before the differences below trust a shortcut hook, it is checked against the
+    # forward pass; one that disagrees is reported and left unused (`hooks.py`).
+    hook_entries = _verify_hooks(ev, rtol, atol, rng)
 
     jac = layer._call_jacobian(cache)
     dense = np.asarray(jac.to_dense(), dtype=np.float64)
@@ -373,6 +377,7 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
         "dot test J", type_name, lambda u: jac._call_jvp(_own_dtype(u, y)),
         lambda w: jac._call_vjp(_own_dtype(w, y)), shape3, rounding_of, dtype, rng))
 
+    entries.extend(hook_entries)
     method = _method(fast, richardson)
     report = GradcheckReport(
         f"check_layer {type_name} at x of shape {x_live.shape} ({np.dtype(y.dtype).name})"
