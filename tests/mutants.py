@@ -19,6 +19,20 @@ mutant, where the bug lives and therefore which checks must catch it:
 - "jacobian": only the Jacobian operators are wrong (vjp and jvp are right).
   gradcheck with mode="jacobian" catches it, and check_layer's Jacobian
   entries; the vjp backward and Taylor pass.
+- "hook": only a finite-difference shortcut (`_affine_param_change`,
+  `_affine_input_columns`) is wrong; the forward pass and every derivative
+  are right. Trusted, such a hook feeds the checkers wrong differences:
+  gradcheck of `network_with(ScaledParamHookDense)` would fail "0.W" with
+  numeric values 1.5 times the (right) analytic ones, blaming a correct
+  gradient; `ShiftedInputColumnsDense` is never consulted as the first layer,
+  but at index 2 of `Dense -> Tanh -> it -> Dense` it would fail "0.W" and
+  "0.b" with numeric values of the wrong sign. So every checker verifies the hooks
+  first: check_layer's "hook <key>" / "hook x" entry fails (and the hook is
+  not used, so its "dy/d..." entries pass), assert_layer_correct fails on
+  it, and gradcheck in every mode (fast and mode="jacobian" included: the
+  check does not depend on which backward runs) fails with that hook entry
+  and names the layer as culprit, its gradient entries passing. The Taylor
+  test uses no hook: its numbers are right and it passes.
 
 Mutants named `Public...` override a *public* method instead of a private
 one (the extension contract: an override is obeyed on every path, so it is
@@ -183,6 +197,26 @@ class PublicWrongParamJacobiansDense(jp.Dense):
         return jacobians
 
 
+class ScaledParamHookDense(jp.Dense):
+    """`_affine_param_change` says moving `W[j, k]` by h moves column j by 1.5 h x[:, k]."""
+
+    def _affine_param_change(self, x, name, coords, steps):
+        change = super()._affine_param_change(x, name, coords, steps)
+        if change is None or name != "W":
+            return change
+        rows, delta = change
+        return rows, 1.5 * delta
+
+
+class ShiftedInputColumnsDense(jp.Dense):
+    """`_affine_input_columns(cols)` answers with the next columns of W (off by one)."""
+
+    def _affine_input_columns(self, cols):
+        if super()._affine_input_columns(cols) is None:
+            return None
+        return self.params["W"][:, (cols + 1) % self.in_features].T
+
+
 class CenteringCache(NamedTuple):
     x: np.ndarray
 
@@ -265,6 +299,8 @@ EXPECTED = {
     PublicWrongJacobianTanh: ("jacobian", {"dy/dx", "vjp dx", "jvp"}),
     PublicWrongParamJacobiansDense: ("jacobian", {"dy/dW", "vjp dW"}),
     PerSampleCentering: ("derivative", {"dy/dx"}),
+    ScaledParamHookDense: ("hook", {"hook W"}),
+    ShiftedInputColumnsDense: ("hook", {"hook x"}),
 }
 
 

@@ -49,8 +49,10 @@ def _sample(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _verify_hooks(ev: _Evaluator, rtol: float, atol: float | None,
-                  rng: np.random.Generator) -> list[CheckEntry]:
-    """One entry per hook a leaf of `ev` provides; a failing hook joins `ev.untrusted`.
+                  rng: np.random.Generator) -> tuple[list[CheckEntry], int]:
+    """One entry per hook a leaf of `ev` provides, and the layer passes spent.
+
+    A failing hook joins `ev.untrusted`.
 
     Entries are named `"hook <key>"` (`"hook W"`, `"hook 0.W"` in a stack) for
     the parameter hook and `"hook x"` (`"hook 2.x"`) for the input hook; the
@@ -59,19 +61,18 @@ def _verify_hooks(ev: _Evaluator, rtol: float, atol: float | None,
     value the forward pass's.
     """
     rng = _own_stream(rng)
-    entries = []
+    entries, cost = [], 0
     for index, leaf in enumerate(ev.leaves):
         x, y0 = ev.acts[index], ev.acts[index + 1]
         found = [_param_hook_entry(ev, index, name, x, y0, rtol, atol, rng)
                  for name in leaf.work.params]
         found.append(_input_hook_entry(ev, index, x, y0, rtol, atol, rng))
-        for entry in found:
-            if entry is None:
-                continue
+        for entry, points in filter(None, found):
             entries.append(entry)
+            cost += points  # one layer pass per sampled coordinate
             if not entry.passed:
                 ev.untrusted.add(index)
-    return entries
+    return entries, cost
 
 
 def _claimed(leaf, hook: str, shape: tuple, fill) -> np.ndarray:
@@ -84,7 +85,8 @@ def _claimed(leaf, hook: str, shape: tuple, fill) -> np.ndarray:
             f"(G, B, m) = {shape}: {error}") from None
 
 
-def _param_hook_entry(ev, index, name, x, y0, rtol, atol, rng) -> CheckEntry | None:
+def _param_hook_entry(ev, index, name, x, y0, rtol, atol, rng):
+    """`(entry, passes)` for the parameter hook on `name`, or None when there is none."""
     leaf = ev.leaves[index]
     flat = leaf.work.params[name].reshape(-1)  # a view: the copy is C-contiguous
     coords = _sample(rng, flat.size)
@@ -116,10 +118,11 @@ def _param_hook_entry(ev, index, name, x, y0, rtol, atol, rng) -> CheckEntry | N
     if entry.worst_index is not None:
         where = np.unravel_index(int(coords[entry.worst_index[0]]), leaf.work.params[name].shape)
         entry.worst_index = (*(int(i) for i in where), *entry.worst_index[1:])
-    return entry
+    return entry, groups
 
 
-def _input_hook_entry(ev, index, x, y0, rtol, atol, rng) -> CheckEntry | None:
+def _input_hook_entry(ev, index, x, y0, rtol, atol, rng):
+    """`(entry, passes)` for the input hook, or None when there is none."""
     leaf = ev.leaves[index]
     cols = _sample(rng, x.shape[1])
     columns = leaf.work._affine_input_columns(cols)
@@ -141,7 +144,7 @@ def _input_hook_entry(ev, index, x, y0, rtol, atol, rng) -> CheckEntry | None:
                          y0, rtol, atol)
     if entry.worst_index is not None:
         entry.worst_index = (int(cols[entry.worst_index[0]]), *entry.worst_index[1:])
-    return entry
+    return entry, groups
 
 
 def _slope_entry(name, leaf, check, claimed, forward, h, y0, rtol, atol) -> CheckEntry:
