@@ -65,7 +65,7 @@ class _Evaluator:
         # their perturbations always go through the forward pass.
         self.untrusted: set[int] = set()
         width = max(a.shape[1] for a in acts)
-        self.chunk = max(1, _CHUNK // (self.batch * width))
+        self.chunk = max(1, _CHUNK // max(1, self.batch * width))  # batch 0 too
 
     def run(self, start: int, rows: np.ndarray):
         """Push `rows` (G, B, w), inputs of leaf `start`, to the output.
@@ -75,20 +75,20 @@ class _Evaluator:
         """
         groups = rows.shape[0]
         reach = np.zeros(rows.shape[:2], dtype=bool)
-        flat = rows.reshape(groups * self.batch, -1)
+        flat = rows.reshape(groups * self.batch, rows.shape[2])
         for index in range(start, len(self.leaves)):
             if self.kinks[index]:
-                z = flat.reshape(groups, self.batch, -1)
+                z = flat.reshape(groups, self.batch, flat.shape[1])
                 reach |= _crossed(z, self.acts[index], self.kinks[index]).any(axis=2)
             flat = self.forward(index, flat, groups)
-        return flat.reshape(groups, self.batch, -1), reach
+        return flat.reshape(groups, self.batch, flat.shape[1]), reach
 
     def forward(self, index: int, flat: np.ndarray, groups: int) -> np.ndarray:
         """Leaf `index` on `groups` stacked batches `(groups * B, w)`."""
         work = self.leaves[index].work
         if not self.coupled[index] or groups == 1:
             return work._call_forward(flat)[0]
-        parts = flat.reshape(groups, self.batch, -1)
+        parts = flat.reshape(groups, self.batch, flat.shape[1])
         return np.concatenate([work._call_forward(part)[0] for part in parts])
 
     def coupled_input_jacobian(self, step: float, richardson: bool):

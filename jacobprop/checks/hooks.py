@@ -134,7 +134,7 @@ def _input_hook_entry(ev, index, x, y0, rtol, atol, rng):
     h = CENTRAL_STEP * np.maximum(1.0, np.abs(x[:, cols].T))  # (G, B)
     rows = np.repeat(x[None], groups, axis=0)
     rows[np.arange(groups), :, cols] += signs[:, None] * h
-    moved = ev.forward(index, rows.reshape(groups * batch, -1), groups).reshape(
+    moved = ev.forward(index, rows.reshape(groups * batch, x.shape[1]), groups).reshape(
         groups, *y0.shape)
     claimed = _claimed(leaf, "_affine_input_columns", moved.shape, lambda: np.broadcast_to(
         np.asarray(columns, dtype=np.float64)[:, None, :], moved.shape))
