@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mutants import registered_example
 
 import jacobprop as jp
@@ -893,3 +895,16 @@ def test_verifying_the_hooks_draws_nothing_from_the_callers_rng():
     assert rng.bit_generator.state == state
     assert [e.name for e in entries] == ["hook W", "hook b", "hook x"]
     assert passes == 6 + 6 + 6 and not ev.untrusted
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 9), m=st.integers(1, 9),
+       batch=st.integers(1, 5), x_power=st.integers(-6, 8), w_power=st.integers(-4, 4))
+def test_correct_hooks_never_fail_whatever_the_shapes_and_magnitudes(seed, n, m, batch,
+                                                                      x_power, w_power):
+    rng = np.random.default_rng(seed)
+    layer = jp.Dense(n, m, rng=rng)
+    layer.params["W"] *= 10.0 ** w_power
+    layer.params["b"] *= 10.0 ** (w_power + x_power)
+    x = rng.standard_normal((batch, n)) * 10.0 ** x_power
+    report = jp.check_layer(layer, x, rng=rng)
+    assert all(e.passed for e in hook_entries(report).values()), str(report)
