@@ -38,8 +38,8 @@ def catches(kind: str, mode: str) -> bool:
         return mode != "jacobian mode"  # the Jacobian backward never calls the vjp
     if kind == "jacobian":
         return mode == "jacobian mode"  # the vjp backward never forms a Jacobian
-    # A "hook" bug: gradcheck verifies the shortcut hooks in every mode before it
-    # trusts them (tests/mutants.py).
+    if kind == "hook":
+        return mode != "fast"  # verified before use; fast mode uses no hook
     return True
 
 

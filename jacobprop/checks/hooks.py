@@ -48,11 +48,14 @@ def _sample(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.sort(rng.choice(size, _HOOK_SAMPLES, replace=False))
 
 
-def _verify_hooks(ev: _Evaluator, rtol: float, atol: float | None,
-                  rng: np.random.Generator) -> tuple[list[CheckEntry], int]:
+def _verify_hooks(ev: _Evaluator, rtol: float, atol: float | None, rng: np.random.Generator,
+                  *, used_only: bool = False) -> tuple[list[CheckEntry], int]:
     """One entry per hook a leaf of `ev` provides, and the layer passes spent.
 
-    A failing hook joins `ev.untrusted`.
+    A failing hook joins `ev.untrusted`. With `used_only` (gradcheck) only the
+    hooks the differences can use are verified -- every parameter hook, and
+    the input hook of a leaf right after a column-wise elementwise leaf that
+    follows another -- and only the failing ones are returned.
 
     Entries are named `"hook <key>"` (`"hook W"`, `"hook 0.W"` in a stack) for
     the parameter hook and `"hook x"` (`"hook 2.x"`) for the input hook; the
@@ -64,14 +67,17 @@ def _verify_hooks(ev: _Evaluator, rtol: float, atol: float | None,
     entries, cost = [], 0
     for index, leaf in enumerate(ev.leaves):
         x, y0 = ev.acts[index], ev.acts[index + 1]
-        found = [_param_hook_entry(ev, index, name, x, y0, rtol, atol, rng)
+        found = [_param_hook_entry(ev, index, name, x, y0, rtol, atol, rng, used_only)
                  for name in leaf.work.params]
-        found.append(_input_hook_entry(ev, index, x, y0, rtol, atol, rng))
+        if not used_only or (index >= 2 and ev._column_wise(index - 1)
+                             and not ev.kinks[index]):
+            found.append(_input_hook_entry(ev, index, x, y0, rtol, atol, rng, used_only))
         for entry, points in filter(None, found):
-            entries.append(entry)
             cost += points  # one layer pass per sampled coordinate
-            if not entry.passed:
-                ev.untrusted.add(index)
+            if entry is not None:
+                entries.append(entry)
+                if not entry.passed:
+                    ev.untrusted.add(index)
     return entries, cost
 
 
@@ -85,8 +91,9 @@ def _claimed(leaf, hook: str, shape: tuple, fill) -> np.ndarray:
             f"(G, B, m) = {shape}: {error}") from None
 
 
-def _param_hook_entry(ev, index, name, x, y0, rtol, atol, rng):
-    """`(entry, passes)` for the parameter hook on `name`, or None when there is none."""
+def _param_hook_entry(ev, index, name, x, y0, rtol, atol, rng, failures_only):
+    """`(entry, passes)` for the parameter hook on `name`, or None when there is none;
+    the entry is None when it passed and only failures are wanted."""
     leaf = ev.leaves[index]
     flat = leaf.work.params[name].reshape(-1)  # a view: the copy is C-contiguous
     coords = _sample(rng, flat.size)
@@ -114,14 +121,15 @@ def _param_hook_entry(ev, index, name, x, y0, rtol, atol, rng):
             flat[coord] = old
     per_step = steps[:, None, None]
     entry = _slope_entry(f"hook {leaf.keys[name]}", leaf, PARAM_CHECK, claimed / per_step,
-                         (moved - y0) / per_step, np.abs(per_step), y0, rtol, atol)
-    if entry.worst_index is not None:
+                         (moved - y0) / per_step, np.abs(per_step), y0, rtol, atol,
+                         failures_only)
+    if entry is not None and entry.worst_index is not None:
         where = np.unravel_index(int(coords[entry.worst_index[0]]), leaf.work.params[name].shape)
         entry.worst_index = (*(int(i) for i in where), *entry.worst_index[1:])
     return entry, groups
 
 
-def _input_hook_entry(ev, index, x, y0, rtol, atol, rng):
+def _input_hook_entry(ev, index, x, y0, rtol, atol, rng, failures_only):
     """`(entry, passes)` for the input hook, or None when there is none."""
     leaf = ev.leaves[index]
     cols = _sample(rng, x.shape[1])
@@ -141,23 +149,25 @@ def _input_hook_entry(ev, index, x, y0, rtol, atol, rng):
     prefix = f"{leaf.label}." if leaf.label else ""
     entry = _slope_entry(f"hook {prefix}x", leaf, INPUT_CHECK, claimed,
                          (moved - y0) * signs[:, None, None] / h[:, :, None], h[:, :, None],
-                         y0, rtol, atol)
-    if entry.worst_index is not None:
+                         y0, rtol, atol, failures_only)
+    if entry is not None and entry.worst_index is not None:
         entry.worst_index = (int(cols[entry.worst_index[0]]), *entry.worst_index[1:])
     return entry, groups
 
 
-def _slope_entry(name, leaf, check, claimed, forward, h, y0, rtol, atol) -> CheckEntry:
-    """Rule 1 with the hook's slope as the analytic side: `(G, B, m)` arrays."""
-    shape = forward.shape
-    a = claimed.reshape(-1)
-    numeric = forward.reshape(-1)
-    scale = max(float(np.abs(a).max(initial=0.0)), float(np.abs(numeric).max(initial=0.0)))
+def _slope_entry(name, leaf, check, claimed, forward, h, y0, rtol, atol,
+                 failures_only) -> CheckEntry | None:
+    """Rule 1 with the hook's slope as the analytic side: `(G, B, m)` arrays, `h`
+    broadcastable to them. None when it passed and `failures_only`."""
+    scale = max(float(np.abs(claimed).max(initial=0.0)), float(np.abs(forward).max(initial=0.0)))
     floor = _FLOOR * scale
-    noise = np.broadcast_to(_LAYER_NOISE * _EPS * float(np.abs(y0).max(initial=0.0)) / h,
-                            shape).reshape(-1)
+    noise = _LAYER_NOISE * _EPS * float(np.abs(y0).max(initial=0.0)) / h
     base = (rtol * floor + noise) if atol is None else atol
-    tol = base + rtol * np.maximum(np.abs(a), np.abs(numeric))
-    passed = np.abs(a - numeric) <= tol
-    return _entry(name, leaf.label or None, leaf.type_name, check, a, numeric, tol, floor,
-                  passed, np.zeros(a.size, dtype=bool), shape)
+    tol = base + rtol * np.maximum(np.abs(claimed), np.abs(forward))
+    passed = np.abs(claimed - forward) <= tol
+    if failures_only and passed.all():
+        return None
+    shape = forward.shape
+    return _entry(name, leaf.label or None, leaf.type_name, check, claimed.reshape(-1),
+                  forward.reshape(-1), np.broadcast_to(tol, shape).reshape(-1), floor,
+                  passed.reshape(-1), np.zeros(forward.size, dtype=bool), shape)
