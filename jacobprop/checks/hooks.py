@@ -97,7 +97,7 @@ def _param_hook_entry(ev, index, name, x, y0, rtol, atol, rng, failures_only):
     leaf = ev.leaves[index]
     flat = leaf.work.params[name].reshape(-1)  # a view: the copy is C-contiguous
     coords = _sample(rng, flat.size)
-    signs = rng.choice(np.array([-1.0, 1.0]), coords.size)
+    signs = np.where(rng.random(coords.size) < 0.5, -1.0, 1.0)
     steps = signs * CENTRAL_STEP * np.maximum(1.0, np.abs(flat[coords]))
     change = leaf.work._affine_param_change(x, name, coords, steps)
     if change is None:
@@ -137,7 +137,7 @@ def _input_hook_entry(ev, index, x, y0, rtol, atol, rng, failures_only):
     if columns is None:
         return None
     groups, batch = cols.size, x.shape[0]
-    signs = rng.choice(np.array([-1.0, 1.0]), groups)
+    signs = np.where(rng.random(groups) < 0.5, -1.0, 1.0)
     # Column cols[g] of every sample moves by its own checker step, sign shared.
     h = CENTRAL_STEP * np.maximum(1.0, np.abs(x[:, cols].T))  # (G, B)
     rows = np.repeat(x[None], groups, axis=0)

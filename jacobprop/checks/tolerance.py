@@ -66,7 +66,7 @@ _ADJOINT_RTOL_POWER = 0.5
 _CHUNK = 1 << 21  # elements of one batched array (16 MiB in float64)
 _SPLIT_BUDGET = 4096  # evaluations the kink split may spend on one entry
 _DIRECTIONS = 2  # random directions per entry in fast mode
-_HOOK_SAMPLES = 6  # coordinates per parameter (input columns) a shortcut hook is verified at
+_HOOK_SAMPLES = 4  # coordinates per parameter (input columns) a shortcut hook is verified at
 _TAYLOR_POINTS = 5  # smallest usable steps the Taylor order is fitted on
 _TAYLOR_STEPS = 2.0 ** -np.arange(0, 31)
 
