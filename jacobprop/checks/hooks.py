@@ -7,8 +7,9 @@ wrong one right. Before a checker trusts them, `_verify_hooks` compares what
 each hook provided by a layer (non-None) says with the layer's forward pass,
 at a few random coordinates (every one when there are few): on the float64
 copy, whose parameters are moved one entry at a time and restored, never on
-the live arrays. A hook that disagrees is reported and not used afterwards
-(`_Evaluator.untrusted`), so the checker's other entries stay honest.
+the live arrays. A hook that disagrees is reported, and its layer's hooks
+are not used afterwards (`_Evaluator.untrusted`), so the checker's other
+entries stay honest.
 
 Both sides are compared as slopes, change over step, under rule 1 of the one
 policy (`tolerance.py`): the hook plays the analytic side and the forward's
@@ -52,7 +53,8 @@ def _verify_hooks(ev: _Evaluator, rtol: float, atol: float | None, rng: np.rando
                   *, used_only: bool = False) -> tuple[list[CheckEntry], int]:
     """One entry per hook a leaf of `ev` provides, and the layer passes spent.
 
-    A failing hook joins `ev.untrusted`. With `used_only` (gradcheck) only the
+    The layer of a failing hook joins `ev.untrusted`: none of its hooks is used
+    afterwards. With `used_only` (gradcheck) only the
     hooks the differences can use are verified -- every parameter hook, and
     the input hook of a leaf right after a column-wise elementwise leaf that
     follows another -- and only the failing ones are returned.
