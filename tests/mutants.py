@@ -19,6 +19,21 @@ mutant, where the bug lives and therefore which checks must catch it:
 - "jacobian": only the Jacobian operators are wrong (vjp and jvp are right).
   gradcheck with mode="jacobian" catches it, and check_layer's Jacobian
   entries; the vjp backward and Taylor pass.
+- "hook": only a finite-difference shortcut (`_affine_param_change`,
+  `_affine_input_columns`) is wrong; the forward pass and every derivative
+  are right. Trusted, such a hook feeds the checkers wrong differences:
+  gradcheck of `network_with(ScaledParamHookDense)` would fail "0.W" with
+  numeric values 1.5 times the (right) analytic ones, blaming a correct
+  gradient; `ShiftedInputColumnsDense`, whose input hook is consulted only
+  after a parameter and an elementwise layer (`network_with` puts it at index
+  2 of `Dense -> Tanh -> it`), would fail "0.W" and "0.b" with numeric values
+  of the wrong sign. So the checkers verify the hooks first: check_layer's
+  "hook <key>" / "hook x" entry fails (and the hook is not used, so its
+  "dy/d..." entries pass), assert_layer_correct fails on it, and gradcheck,
+  in every mode that uses hooks (full, Richardson, mode="jacobian"), fails
+  with that hook entry and names the layer as culprit, its gradient entries
+  passing. gradcheck's fast mode and the Taylor test use no hook: their
+  numbers are right and they pass.
 
 Mutants named `Public...` override a *public* method instead of a private
 one (the extension contract: an override is obeyed on every path, so it is
@@ -183,6 +198,26 @@ class PublicWrongParamJacobiansDense(jp.Dense):
         return jacobians
 
 
+class ScaledParamHookDense(jp.Dense):
+    """`_affine_param_change` says moving `W[j, k]` by h moves column j by 1.5 h x[:, k]."""
+
+    def _affine_param_change(self, x, name, coords, steps):
+        change = super()._affine_param_change(x, name, coords, steps)
+        if change is None or name != "W":
+            return change
+        rows, delta = change
+        return rows, 1.5 * delta
+
+
+class ShiftedInputColumnsDense(jp.Dense):
+    """`_affine_input_columns(cols)` answers with the next columns of W (off by one)."""
+
+    def _affine_input_columns(self, cols):
+        if super()._affine_input_columns(cols) is None:
+            return None
+        return self.params["W"][:, (cols + 1) % self.in_features].T
+
+
 class CenteringCache(NamedTuple):
     x: np.ndarray
 
@@ -265,15 +300,22 @@ EXPECTED = {
     PublicWrongJacobianTanh: ("jacobian", {"dy/dx", "vjp dx", "jvp"}),
     PublicWrongParamJacobiansDense: ("jacobian", {"dy/dW", "vjp dW"}),
     PerSampleCentering: ("derivative", {"dy/dx"}),
+    ScaledParamHookDense: ("hook", {"hook W"}),
+    ShiftedInputColumnsDense: ("hook", {"hook x"}),
 }
 
 
 def network_with(mutant_cls, *, rng: np.random.Generator):
-    """A small network `Dense -> mutant -> Dense` (or `mutant Dense -> Tanh -> Dense`).
+    """A small network `Dense -> mutant -> Dense` (or `mutant Dense -> Tanh -> Dense`, or
+    `Dense -> Tanh -> mutant Dense` for a wrong input hook).
 
     Returns `(net, index of the mutant layer, input width)`; Dense mutants are
     non-square (4 -> 6) so a transposed gradient cannot keep its shape by chance.
     """
+    if mutant_cls is ShiftedInputColumnsDense:
+        # Its hook is only ever consulted after a parameter and an elementwise layer.
+        layers = [jp.Dense(4, 6, rng=rng), jp.Tanh(), mutant_cls(6, 3, rng=rng)]
+        return jp.Sequential(*layers), 2, 4
     if issubclass(mutant_cls, jp.Dense):
         layers = [mutant_cls(4, 6, rng=rng), jp.Tanh(), jp.Dense(6, 3, rng=rng)]
         return jp.Sequential(*layers), 0, 4

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mutants import registered_example
 
 import jacobprop as jp
@@ -753,3 +755,173 @@ def test_every_checker_refuses_a_stochastic_layer_in_train_mode():
     net.eval()
     assert jp.gradcheck(net, x, t, jp.MSE(), rng=rng).ok
     assert jp.check_layer(net[1], rng.standard_normal((5, 4)), rng=rng).ok
+
+
+# ---- the layers' shortcut hooks are verified before they are trusted ---------------------------
+HOOK_NAMES = {"hook W", "hook b", "hook x"}
+
+
+def hook_entries(report):
+    return {entry.name: entry for entry in report.entries if entry.name.startswith("hook ")}
+
+
+def test_check_layer_verifies_every_hook_a_layer_provides():
+    rng = np.random.default_rng(40)
+    x = rng.standard_normal((5, 4))
+    report = jp.check_layer(jp.Dense(4, 3, rng=rng), x, rng=rng)
+    hooks = hook_entries(report)
+    assert report.ok and set(hooks) == HOOK_NAMES, str(report)
+    assert {e.check for e in hooks.values()} == {"_affine_param_change vs forward",
+                                                 "_affine_input_columns vs forward"}
+    # W has 12 entries: 4 sampled; b's 3 entries and x's 4 columns are few: every one.
+    assert hooks["hook W"].size == 4 * 5 * 3
+    assert hooks["hook b"].size == 3 * 5 * 3 and hooks["hook x"].size == 4 * 5 * 3
+    no_bias = jp.check_layer(jp.Dense(4, 3, bias=False, rng=rng), x, rng=rng)
+    assert set(hook_entries(no_bias)) == {"hook W", "hook x"}
+    # No hooks: a layer without them, and a Dense whose forward is its own.
+    assert not hook_entries(jp.check_layer(jp.Tanh(), x, rng=rng))
+    assert not hook_entries(jp.check_layer(PlainDense(4, 3, rng=rng), x, rng=rng))
+    stack = jp.check_layer(jp.Sequential(jp.Dense(4, 3, rng=rng), jp.Tanh(),
+                                         jp.Dense(3, 2, rng=rng)), x, rng=rng)
+    assert set(hook_entries(stack)) == {"hook 0.W", "hook 0.b", "hook 0.x", "hook 2.W",
+                                        "hook 2.b", "hook 2.x"}
+    assert stack.ok and stack["hook 2.W"].layer == "2 Dense"
+
+
+@pytest.mark.parametrize("case", ["batch 0", "batch 1", "float32", "large", "zeros"])
+def test_correct_hooks_pass_at_the_edges(case):
+    rng = np.random.default_rng(41 + ["batch 0", "batch 1", "float32", "large",
+                                      "zeros"].index(case))
+    dtype = np.float32 if case == "float32" else np.float64
+    layer = jp.Dense(5, 4, rng=rng, dtype=dtype)
+    batch = {"batch 0": 0, "batch 1": 1}.get(case, 6)
+    x = rng.standard_normal((batch, 5)).astype(dtype)
+    if case == "large":
+        x *= 1e6
+        layer.params["W"] *= 1e3
+        layer.params["b"] += 1e8
+    if case == "zeros":
+        x[:, ::2] = 0.0
+        layer.params["W"][1] = 0.0
+    kwargs = F32 if case == "float32" else {}
+    report = jp.check_layer(layer, x, rng=rng, **kwargs)
+    assert report.ok and set(hook_entries(report)) == HOOK_NAMES, str(report)
+
+
+def test_a_wrong_parameter_hook_is_reported_and_not_trusted():
+    from mutants import ScaledParamHookDense
+
+    rng = np.random.default_rng(46)
+    layer = ScaledParamHookDense(4, 6, rng=rng)
+    saved = snapshot(layer)
+    report = jp.check_layer(layer, rng.standard_normal((5, 4)), rng=rng)
+    assert_unchanged(layer, saved)
+    # Only the hook fails: the Jacobian's differences went through the forward pass.
+    assert {e.name for e in report.failures} == {"hook W"}, str(report)
+    entry = report["hook W"]
+    assert entry.layer == "ScaledParamHookDense" and len(entry.worst_index) == 4
+    assert entry.worst_index[0] < 6 and entry.worst_index[1] < 4  # (j, k) in W's shape
+    assert entry.analytic == pytest.approx(1.5 * entry.numeric, rel=1e-6)
+    text = str(report)
+    assert "hook W" in text and "_affine_param_change vs forward" in text and "FAIL" in text
+
+    net = jp.Sequential(layer, jp.Tanh(), jp.Dense(6, 2, rng=rng))
+    saved = snapshot(net)
+    x, t = rng.standard_normal((5, 4)), rng.standard_normal((5, 2))
+    for kwargs in ({}, {"richardson": True}, {"mode": "jacobian"}):
+        report = jp.gradcheck(net, x, t, jp.MSE(), rng=rng, **kwargs)
+        assert {e.name for e in report.failures} == {"hook 0.W"}, str(report)
+        assert "layer 0 (ScaledParamHookDense): hook W" in report.culprit
+        assert_unchanged(net, saved)
+    # Fast mode differences along directions through forward passes: no hook used, none
+    # checked, and the gradients are right.
+    fast = jp.gradcheck(net, x, t, jp.MSE(), rng=rng, fast=True)
+    assert fast.ok and not hook_entries(fast), str(fast)
+    assert_unchanged(net, saved)
+
+
+def test_gradcheck_reports_only_hooks_it_uses_and_only_when_they_fail():
+    from mutants import ShiftedInputColumnsDense
+
+    rng = np.random.default_rng(53)
+    # As the first layer, a wrong input hook is never consulted: the numbers are right.
+    net = jp.Sequential(ShiftedInputColumnsDense(3, 4, rng=rng), jp.Tanh(),
+                        jp.Dense(4, 2, rng=rng))
+    x, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    report = jp.gradcheck(net, x, t, jp.MSE(), rng=rng)
+    assert report.ok and [e.name for e in report.entries] == [*net.params, "x"], str(report)
+
+
+def test_a_wrong_input_hook_deep_in_a_network_is_reported_and_not_trusted():
+    """After Dense -> Tanh the checkers would update layer 2's output by its input hook."""
+    from mutants import ShiftedInputColumnsDense
+
+    rng = np.random.default_rng(47)
+    net = jp.Sequential(jp.Dense(3, 5, rng=rng), jp.Tanh(),
+                        ShiftedInputColumnsDense(5, 4, rng=rng), jp.Dense(4, 2, rng=rng))
+    x, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    report = jp.gradcheck(net, x, t, jp.MSE(), rng=rng)
+    assert {e.name for e in report.failures} == {"hook 2.x"}, str(report)
+    assert report["0.W"].passed and report["0.b"].passed
+    assert report["hook 2.x"].worst_index[0] < 5  # an input column of layer 2
+    assert "layer 2 (ShiftedInputColumnsDense): hook x" in report.culprit
+    layer = jp.check_layer(net, x, rng=rng)
+    assert {e.name for e in layer.failures} == {"hook 2.x"}, str(layer)
+
+
+class OneWrongBiasEntryDense(jp.Dense):
+    """The bias hook is wrong for entry 2 only: few entries, so every one is checked."""
+
+    def _affine_param_change(self, x, name, coords, steps):
+        rows, delta = super()._affine_param_change(x, name, coords, steps)
+        if name == "b":
+            delta = np.where((coords == 2)[:, None], 2.0 * delta, delta)
+        return rows, delta
+
+
+@pytest.mark.parametrize("seed", [48, 49, 50])
+def test_a_small_parameter_has_every_coordinate_verified(seed):
+    rng = np.random.default_rng(seed)
+    report = jp.check_layer(OneWrongBiasEntryDense(3, 4, rng=rng), rng.standard_normal((2, 3)),
+                            rng=rng)
+    assert {e.name for e in report.failures} == {"hook b"}
+    assert report["hook b"].worst_index[0] == 2
+
+
+class MisshapenHookDense(jp.Dense):
+    def _affine_input_columns(self, cols):
+        return self.params["W"][:, cols]  # (m, G): not transposed
+
+
+def test_a_hook_of_the_wrong_shape_is_a_shape_error_naming_layer_and_hook():
+    rng = np.random.default_rng(51)
+    with pytest.raises(jp.ShapeError, match=r"MisshapenHookDense\._affine_input_columns"):
+        jp.check_layer(MisshapenHookDense(3, 5, rng=rng), rng.standard_normal((2, 3)), rng=rng)
+
+
+def test_verifying_the_hooks_draws_nothing_from_the_callers_rng():
+    """The hooks' coordinates come from a spawned child, so the other draws stay put."""
+    from jacobprop.checks.differences import _Evaluator, _flatten
+    from jacobprop.checks.hooks import _verify_hooks
+
+    rng = np.random.default_rng(52)
+    layer = jp.Dense(9, 7, rng=rng)
+    ev = _Evaluator(_flatten(layer, ""), rng.standard_normal((3, 9)))
+    state = rng.bit_generator.state
+    entries, passes = _verify_hooks(ev, default_rtol(), None, rng)
+    assert rng.bit_generator.state == state
+    assert [e.name for e in entries] == ["hook W", "hook b", "hook x"]
+    assert passes == 4 + 4 + 4 and not ev.untrusted
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 9), m=st.integers(1, 9),
+       batch=st.integers(1, 5), x_power=st.integers(-6, 8), w_power=st.integers(-4, 4))
+def test_correct_hooks_never_fail_whatever_the_shapes_and_magnitudes(seed, n, m, batch,
+                                                                      x_power, w_power):
+    rng = np.random.default_rng(seed)
+    layer = jp.Dense(n, m, rng=rng)
+    layer.params["W"] *= 10.0 ** w_power
+    layer.params["b"] *= 10.0 ** (w_power + x_power)
+    x = rng.standard_normal((batch, n)) * 10.0 ** x_power
+    report = jp.check_layer(layer, x, rng=rng)
+    assert all(e.passed for e in hook_entries(report).values()), str(report)

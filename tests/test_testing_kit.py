@@ -424,3 +424,22 @@ def test_readme_layer_example_would_catch_a_wrong_derivative():
     assert broken != blocks[0]
     with pytest.raises(jp.GradcheckError, match="jacobian vs finite differences"):
         run_readme([broken])
+
+
+@pytest.mark.parametrize("mutant_name", ["ScaledParamHookDense", "ShiftedInputColumnsDense"])
+def test_assert_layer_correct_names_a_wrong_shortcut_hook(mutant_name):
+    """The kit's one call fails on a layer whose derivatives are right but whose
+    finite-difference shortcut is not; the message quotes the hook entry."""
+    import mutants
+
+    cls = getattr(mutants, mutant_name)
+    rng = np.random.default_rng(60)
+    hook = "hook W" if mutant_name == "ScaledParamHookDense" else "hook x"
+    with pytest.raises(jp.GradcheckError) as info:
+        assert_layer_correct(cls(4, 6, rng=rng), rng=rng)
+    message = str(info.value)
+    assert mutant_name in message and f"{hook} (_affine_" in message
+    assert "vs forward" in message
+    # The layer's derivatives themselves are right: only the hook entry fails.
+    report = jp.check_layer(cls(4, 6, rng=rng), rng.standard_normal((3, 4)), rng=rng)
+    assert {e.name for e in report.failures} == {hook}

@@ -30,7 +30,8 @@ How the checks stay honest
 The package: `tolerance` (the policy, argument checks), `reports`
 (`CheckEntry`, `GradcheckReport`, `TaylorReport`), `differences` (the float64
 copy, batched perturbed passes, `numerical_jacobian`), `kinks` (the kink
-rule), `layercheck` (`check_layer`, `dottest`), `netcheck` (`gradcheck`),
+rule), `hooks` (the layers' shortcut hooks against their forward passes),
+`layercheck` (`check_layer`, `dottest`), `netcheck` (`gradcheck`),
 `taylor` (`taylor_test`).
 
 The kink rule
@@ -84,7 +85,10 @@ For a `Sequential` (nested stacks are flattened), the prefix up to layer `l`
 runs once; the outputs of layer `l` under every perturbation of one of its
 parameters are stacked as extra batch rows -- a layer whose hook
 `Layer._affine_param_change` describes the change says it with no call at
-all (Dense: moving `W[j, k]` by `h` moves output column `j` by `h x[:, k]`);
+all (Dense: moving `W[j, k]` by `h` moves output column `j` by `h x[:, k]`;
+every checker first compares each hook with the layer's forward pass at a few
+random coordinates, reports one that disagrees as a failing "hook ..." entry,
+and does without it: `hooks.py`);
 any other layer is evaluated once per coordinate on its own input -- and the
 rows go through the rest of the network in batched forward passes, chunked to
 about 16 MiB per array. `loss.per_sample` then gives one row of per-sample

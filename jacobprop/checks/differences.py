@@ -61,8 +61,11 @@ class _Evaluator:
         self.kinks = [tuple(float(k) for k in type(leaf.work).kinks) for leaf in leaves]
         # A layer whose samples interact must see each perturbed batch on its own.
         self.coupled = [bool(leaf.work.couples_samples) for leaf in leaves]
+        # Leaves whose shortcut hooks disagreed with their forward pass (`hooks.py`):
+        # their perturbations always go through the forward pass.
+        self.untrusted: set[int] = set()
         width = max(a.shape[1] for a in acts)
-        self.chunk = max(1, _CHUNK // (self.batch * width))
+        self.chunk = max(1, _CHUNK // max(1, self.batch * width))  # batch 0 too
 
     def run(self, start: int, rows: np.ndarray):
         """Push `rows` (G, B, w), inputs of leaf `start`, to the output.
@@ -72,20 +75,20 @@ class _Evaluator:
         """
         groups = rows.shape[0]
         reach = np.zeros(rows.shape[:2], dtype=bool)
-        flat = rows.reshape(groups * self.batch, -1)
+        flat = rows.reshape(groups * self.batch, rows.shape[2])
         for index in range(start, len(self.leaves)):
             if self.kinks[index]:
-                z = flat.reshape(groups, self.batch, -1)
+                z = flat.reshape(groups, self.batch, flat.shape[1])
                 reach |= _crossed(z, self.acts[index], self.kinks[index]).any(axis=2)
             flat = self.forward(index, flat, groups)
-        return flat.reshape(groups, self.batch, -1), reach
+        return flat.reshape(groups, self.batch, flat.shape[1]), reach
 
     def forward(self, index: int, flat: np.ndarray, groups: int) -> np.ndarray:
         """Leaf `index` on `groups` stacked batches `(groups * B, w)`."""
         work = self.leaves[index].work
         if not self.coupled[index] or groups == 1:
             return work._call_forward(flat)[0]
-        parts = flat.reshape(groups, self.batch, -1)
+        parts = flat.reshape(groups, self.batch, flat.shape[1])
         return np.concatenate([work._call_forward(part)[0] for part in parts])
 
     def coupled_input_jacobian(self, step: float, richardson: bool):
@@ -156,7 +159,8 @@ class _Evaluator:
         activated = activated.reshape(groups, self.batch)
         following = after + 1
         columns = None
-        if following < len(self.leaves) and not self.kinks[following]:
+        if (following < len(self.leaves) and not self.kinks[following]
+                and following not in self.untrusted):
             columns = self.leaves[following].work._affine_input_columns(rows)
         if columns is not None:
             # Column j of its input moved by c, so its output moves by c M[:, j]: no pass.
@@ -172,6 +176,8 @@ class _Evaluator:
 
     def _affine_change(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
         """The hook `Layer._affine_param_change` of leaf `index` at its cached input."""
+        if index in self.untrusted:
+            return None
         work = self.leaves[index].work
         return work._affine_param_change(self.acts[index], name, coords, steps)
 

@@ -19,6 +19,7 @@ from .differences import (
     _step,
     _sweep,
 )
+from .hooks import _verify_hooks
 from .kinks import _direction_split, _jacobian_split, _judge
 from .reports import CheckEntry, GradcheckReport, _entry
 from .tolerance import (
@@ -198,7 +199,12 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
         "vjp d<p>" (`vjp` against `g J` and `sum_i g_i J^p_i` for a random
         `g` `(B, m)`), "jvp" (`jvp` against `J v`), "J vjp" and "J jvp" (the
         Jacobian operator's own products against its dense form), "dot test"
-        (the layer's own jvp against its vjp) and "dot test J" (the operator's).
+        (the layer's own jvp against its vjp) and "dot test J" (the operator's);
+        for every shortcut hook a layer provides (`Layer._affine_param_change`,
+        `Layer._affine_input_columns`), "hook <p>" and "hook x" (`"hook 0.W"`,
+        `"hook 2.x"` in a stack): the hook's slope against the forward pass's at
+        a few random coordinates, worst index (coordinate..., sample, output).
+        A failing hook is not used by the finite differences above.
 
     Raises
     ------
@@ -233,6 +239,9 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     ev = _Evaluator(leaves, np.asarray(x_live, dtype=np.float64))
     y0 = ev.acts[-1]
     type_name = type(layer).__name__
+    # Before the differences below trust a shortcut hook, it is checked against the
+    # forward pass; one that disagrees is reported and left unused (`hooks.py`).
+    hook_entries, evaluations = _verify_hooks(ev, rtol, atol, rng)
 
     jac = layer._call_jacobian(cache)
     dense = np.asarray(jac.to_dense(), dtype=np.float64)
@@ -247,7 +256,6 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
                    for key, op in param_jacs.items()}
     locate = {leaf.keys[name]: (index, name)
               for index, leaf in enumerate(leaves) for name in leaf.keys}
-    evaluations = 0
 
     # -- finite differences of the forward pass ------------------------------------------
     # (name, analytic, differences, |terms| of the analytic products, shape, kink split)
@@ -373,6 +381,7 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
         "dot test J", type_name, lambda u: jac._call_jvp(_own_dtype(u, y)),
         lambda w: jac._call_vjp(_own_dtype(w, y)), shape3, rounding_of, dtype, rng))
 
+    entries.extend(hook_entries)
     method = _method(fast, richardson)
     report = GradcheckReport(
         f"check_layer {type_name} at x of shape {x_live.shape} ({np.dtype(y.dtype).name})"

@@ -23,6 +23,7 @@ from .differences import (
     _step,
     numerical_jacobian,
 )
+from .hooks import _verify_hooks
 from .kinks import _coordinate_points, _judge, _kink_interval
 from .layercheck import check_layer
 from .reports import GradcheckReport, _entry
@@ -178,7 +179,10 @@ def gradcheck(net: Layer, x, t, loss: Loss, *, fast: bool = False, richardson: b
     Returns
     -------
     GradcheckReport
-        One entry per parameter key and one for `"x"`. For a failure,
+        One entry per parameter key and one for `"x"`, and one per shortcut
+        hook the differences would use that disagrees with its layer's forward
+        pass ("hook 0.W", see `check_layer`; the differences then do without
+        it; fast mode uses no hook and checks none). For a failure,
         `culprit` names the first layer whose own Jacobians (input or
         parameter) or vjp/jvp disagree at its cached input (`check_layer`).
 
@@ -189,7 +193,8 @@ def gradcheck(net: Layer, x, t, loss: Loss, *, fast: bool = False, richardson: b
     of `L` through a float64 copy of the network; per coordinate
     `D_j = (L(p + h_j e_j) - L(p - h_j e_j)) / (2 h_j)`. Evaluations: `2P + 2n + 1`
     for P parameters (`4P + 4n + 1` with Richardson), plus the per-element
-    kink splits if any.
+    kink splits if any (the few single-layer passes that verify the shortcut
+    hooks are not counted).
     """
     where = "gradcheck"
     rng, analytic, x, y, leaves, ev, losses, spec = _prepare(
@@ -199,6 +204,10 @@ def gradcheck(net: Layer, x, t, loss: Loss, *, fast: bool = False, richardson: b
     rtol, atol = _resolve_rtol(where, np.result_type(y.dtype, np.float32), rtol, atol,
                                richardson)
     step = _step(richardson)
+    # The differences below trust the layers' shortcut hooks only once checked against
+    # their forward passes; a wrong one is left unused and reported (`hooks.py`).
+    # (Fast mode uses none; the single-layer passes are not counted.)
+    wrong_hooks = [] if fast else _verify_hooks(ev, rtol, atol, rng, used_only=True)[0]
     evaluations = 1
     diffs = {}
     if fast:
@@ -227,6 +236,7 @@ def gradcheck(net: Layer, x, t, loss: Loss, *, fast: bool = False, richardson: b
                                       atol, floor, label, type_name)
         evaluations += cost
         entries.append(entry)
+    entries.extend(wrong_hooks)
     method = _method(fast, richardson)
     report = GradcheckReport(
         f"gradcheck {type(net).__name__} ({len(leaves)} layers), loss {type(loss).__name__}, "

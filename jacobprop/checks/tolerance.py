@@ -14,7 +14,11 @@ to ~0 must not shrink its own tolerance).
    Richardson) and the default `atol = rtol 1e-3 max|analytic, numeric| +
    rounding of one evaluation / h` (`1e3 eps |y|` for a layer's output,
    `1e2 eps (|L| + w sum_i max|y_i|)` for a loss). Where the derivative jumps,
-   the kink rule (`kinks.py`) decides instead.
+   the kink rule (`kinks.py`) decides instead. A layer's shortcut hooks
+   (`hooks.py`) are judged by this rule too, the hook's slope as the analytic
+   side and the forward pass's one-sided difference as the numeric one (exact
+   but for rounding, the layer being affine in the entry), the rounding taken
+   at the output's largest entry.
 2. **Analytic against analytic** (vjp and jvp against the dense Jacobian, the
    dot tests, batch independence, float32 against float64):
    `|a - b| <= 1e3 eps(dtype) (T + R)`. `T` is again the sum of the absolute
@@ -62,6 +66,7 @@ _ADJOINT_RTOL_POWER = 0.5
 _CHUNK = 1 << 21  # elements of one batched array (16 MiB in float64)
 _SPLIT_BUDGET = 4096  # evaluations the kink split may spend on one entry
 _DIRECTIONS = 2  # random directions per entry in fast mode
+_HOOK_SAMPLES = 4  # coordinates per parameter (input columns) a shortcut hook is verified at
 _TAYLOR_POINTS = 5  # smallest usable steps the Taylor order is fitted on
 _TAYLOR_STEPS = 2.0 ** -np.arange(0, 31)
 

@@ -42,6 +42,7 @@ CHECKS = (
     "jvp vs jacobian",
     "dot test",
     "parameter jacobians vs finite differences",
+    "shortcut hooks vs forward",
     "float32 vs float64",
 )
 
@@ -233,6 +234,8 @@ def _check_of(entry_name: str) -> str:
         return "vjp vs jacobian"
     if entry_name.startswith("jvp") or entry_name == "J jvp":
         return "jvp vs jacobian"
+    if entry_name.startswith("hook "):
+        return "shortcut hooks vs forward"
     return "dot test"
 
 
