@@ -511,6 +511,66 @@ class Curvature:
         return out
 
 
+def _block_param_jvp(block, cache, tangents) -> np.ndarray | None:
+    """`Layer._param_jvp` of a `Sequential` used as a block (inside a `Residual`).
+
+    `tangents` is keyed as `block.params`; the tangent is pushed through the
+    later layers by their jvps.
+    """
+    r = None
+    for layer, layer_cache, keys in _leaves(block, cache):
+        out = None if r is None else layer._call_jvp(layer_cache, r)
+        if keys:
+            moved = layer._param_jvp(layer_cache, {n: tangents[k] for n, k in keys.items()})
+            out = moved if out is None else out + moved
+        r = out
+    return r
+
+
+def _block_second_vjp(block, cache, g, v, tangents, need_input=True):
+    """`Layer._second_vjp` of a `Sequential` used as a block (inside a `Residual`).
+
+    The derivative of the block's vjp with `g` fixed, along the input tangent
+    `v` and the parameter direction `tangents` (keyed as `block.params`), is
+    the R-operator of the block alone: a tangent sweep forward (`r_l`), then a
+    backward sweep that starts from a zero covector change at the block's
+    output and adds every layer's own second-order term with its covector
+    `g_l` (pulled back from `g`). Returns `(input part or None, {key: part})`.
+    """
+    leaves = _leaves(block, cache)
+    inputs, r = [], v
+    for layer, layer_cache, keys in leaves:
+        inputs.append(r)
+        out = None if r is None else layer._call_jvp(layer_cache, r)
+        if keys:
+            moved = layer._param_jvp(layer_cache, {n: tangents[k] for n, k in keys.items()})
+            out = moved if out is None else out + moved
+        r = out
+    covectors = [None] * len(leaves)
+    for position in range(len(leaves) - 1, -1, -1):
+        covectors[position] = g
+        if position > 0:
+            g = leaves[position].layer._input_vjp(leaves[position].cache, g)
+    change, grads = None, {}  # the change of the covector, None meaning zero
+    for position in range(len(leaves) - 1, -1, -1):
+        layer, layer_cache, keys = leaves[position]
+        needed = position > 0 or need_input
+        gx, own = None, {}
+        if change is not None:
+            gx, own = layer._call_vjp(layer_cache, change, needed)
+        local = {n: tangents[k] for n, k in keys.items()}
+        gx2, own2 = layer._second_vjp(layer_cache, covectors[position], inputs[position],
+                                      local, needed)
+        if gx2 is not None and needed:
+            gx = gx2 if gx is None else _accumulate(gx, gx2, change)
+        for name, value in own2.items():
+            own[name] = value if name not in own else _accumulate(own[name], value, change)
+        for name, value in own.items():
+            grads[keys[name]] = value
+        change = gx if needed else None
+    return change, grads
+
+
 def _accumulate(total, part, protected):
     """`total + part`, in place when `total` is a fresh array (not `protected`, the
     covector a layer may hand back unchanged, nor a view of it)."""

@@ -158,3 +158,21 @@ class Residual(Layer):
 
     def _param_jacobians(self, cache):
         return self.block._call_param_jacobians(cache.block)
+
+    # ---- hooks of jacobprop.derivatives: the block's, as y - x = block(x) ----
+    def _param_jvp(self, cache, tangents):
+        from ..derivatives import _block_param_jvp
+        from ..network import Sequential
+
+        if isinstance(self.block, Sequential):
+            return _block_param_jvp(self.block, cache.block, tangents)
+        return self.block._param_jvp(cache.block, tangents)
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        # The identity path is linear: the whole second-order term is the block's.
+        from ..derivatives import _block_second_vjp
+        from ..network import Sequential
+
+        if isinstance(self.block, Sequential):
+            return _block_second_vjp(self.block, cache.block, g, v, tangents, need_input)
+        return self.block._second_vjp(cache.block, g, v, tangents, need_input)
