@@ -45,7 +45,7 @@ from .jacobian import (
 )
 from .losses import Loss
 from .network import Sequential
-from .plan import ChainPlan, _plan_items
+from .plan import ChainPlan, _items, _plan_items
 
 __all__ = [
     "ParamJacobian",
@@ -385,7 +385,7 @@ def jacobian_in_pieces(net, x, order: str, max_bytes: int) -> GeneralJacobian:
     _, probe = net._forward(x[:1])
     ops = net._jacobian_ops(probe)
     itemsize = max(np.dtype(op.dtype).itemsize for op in ops)
-    items = tuple((type(op), tuple(op.shape)) for op in ops)
+    items = _items(ops)
     m, n = ops[0].out_dim, ops[-1].in_dim
     result_bytes = batch * m * n * itemsize
 

@@ -176,6 +176,15 @@ def from_channel_rows(rows: np.ndarray, batch: int, positions: int) -> np.ndarra
         batch, channels * positions)
 
 
+def _conv_extras(shape) -> tuple[int, int, int, int, int]:
+    """`(B, m, n, K, O)` from a conv plan shape; from a bare `(B, m, n)` (a product's
+    result) the densest guess: one output channel, a kernel the size of the input."""
+    if len(shape) >= 5:
+        return tuple(int(v) for v in shape[:5])
+    batch, m, n = shape[:3]
+    return batch, m, n, n, 1
+
+
 class ConvJacobian(Jacobian):
     """dy/dx of a convolution: one Toeplitz-like `(O*L, C*H*W)` matrix shared by every sample.
 
@@ -246,6 +255,23 @@ class ConvJacobian(Jacobian):
 
     def _scale(self, scalar):
         return ConvJacobian(scalar * self.weight, self.geometry, self.batch_size)
+
+    # ---- product costs (plan.py): the plan shape adds K = C kh kw and O --------
+    def _plan_shape(self) -> tuple:
+        return (*self.shape, self.weight[0].size, self.weight.shape[0])
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        # Every column is an image: its im2col copy (L K) and its share of the GEMM (m K).
+        batch, m, _, kernel, channels_out = _conv_extras(shape)
+        return batch * k * kernel * (m + m // channels_out)
+
+    _rapply_cost = _apply_cost  # W^T G (m K) and the fold of the columns (L K)
+
+    @classmethod
+    def _stored_items(cls, shape):
+        _, _, _, kernel, channels_out = _conv_extras(shape)
+        return kernel * channels_out
 
     def to_sparse(self):
         block = sparse.csr_array(self._matrix())
@@ -366,6 +392,36 @@ class PatchesJacobian(Jacobian):
     def _scale(self, scalar):
         return PatchesJacobian(self.left._scale(scalar), self.columns, self.out_channels)
 
+    # ---- product costs (plan.py): the plan shape adds O and L -------------------
+    def _plan_shape(self) -> tuple:
+        return (*self.shape, self.out_channels, self._positions)
+
+    @classmethod
+    def _patches_extras(cls, shape):
+        batch, k, n = shape[:3]
+        if len(shape) >= 5:
+            return batch, k, n, int(shape[3]), int(shape[4])
+        return batch, k, n, 1, k  # a bare shape: one channel, as many positions as rows
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        # Contract the columns per sample (O L q per column), then the left factor as dense.
+        batch, rows, n, channels_out, positions = cls._patches_extras(shape)
+        return batch * k * (positions * n + rows * channels_out * positions)
+
+    _rapply_cost = _apply_cost
+
+    @classmethod
+    def _rmatmul_cost(cls, shape, other, other_shape):
+        # `other` is absorbed by the left factor (the identity for a layer's own block).
+        batch, rows, _, channels_out, positions = cls._patches_extras(shape)
+        return PatchesJacobian, other._apply_cost(other_shape, channels_out * positions)
+
+    @classmethod
+    def _stored_items(cls, shape):
+        batch, rows, n, channels_out, positions = cls._patches_extras(shape)
+        return batch * positions * (n // channels_out) + batch * rows * channels_out * positions
+
 
 # ---------------------------------------------------------------------------
 def pool_windows(input_shape, kernel, stride) -> np.ndarray:
@@ -480,6 +536,29 @@ class SelectionJacobian(Jacobian):
         return SelectionJacobian(self.indices, self.in_dim, scalar * self._row_weights(),
                                  distinct=self.distinct)
 
+    # ---- product costs (plan.py) ----------------------------------------------------
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        batch, m = shape[:2]
+        return 2 * batch * m * k  # a gather and a row scale per output entry
+
+    @classmethod
+    def _rapply_cost(cls, shape, k):
+        batch, m, n = shape[:3]
+        return batch * k * (2 * m + n)  # the zero-filled result, then a scatter-add
+
+    @classmethod
+    def _matmul_cost(cls, shape, other, other_shape):
+        if issubclass(other, DiagonalJacobian):
+            return SelectionJacobian, 2 * shape[0] * shape[1]
+        return NotImplemented
+
+    _rmatmul_cost = _matmul_cost
+
+    @classmethod
+    def _stored_items(cls, shape):
+        return 2 * shape[0] * shape[1]  # indices and weights
+
     def to_sparse(self):
         batch, m, n = self.shape
         rows = np.arange(batch * m)
@@ -555,6 +634,28 @@ class PoolJacobian(Jacobian):
             out[..., column] += scaled
         return out
 
+    # ---- product costs (plan.py): the plan shape adds the window size K ----------
+    def _plan_shape(self) -> tuple:
+        return (*self.shape, self.windows.shape[1])
+
+    @classmethod
+    def _window(cls, shape) -> int:
+        return int(shape[3]) if len(shape) >= 4 else max(shape[2] // max(shape[1], 1), 1)
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        batch, m = shape[:2]
+        return batch * m * k * (cls._window(shape) + 1)
+
+    @classmethod
+    def _rapply_cost(cls, shape, k):
+        batch, m, n = shape[:3]
+        return batch * k * (m * (cls._window(shape) + 1) + n)
+
+    @classmethod
+    def _stored_items(cls, shape):
+        return shape[1] * cls._window(shape)
+
 
 # ---------------------------------------------------------------------------
 class DiagonalLowRankJacobian(Jacobian):
@@ -629,6 +730,33 @@ class DiagonalLowRankJacobian(Jacobian):
             return DiagonalLowRankJacobian(d * self.diagonal, d[:, :, None] * self.left,
                                            self.right)
         return NotImplemented
+
+    # ---- product costs (plan.py): the plan shape adds the rank r -----------------
+    def _plan_shape(self) -> tuple:
+        return (*self.shape, self.left.shape[2])
+
+    @classmethod
+    def _rank(cls, shape) -> int:
+        return int(shape[3]) if len(shape) >= 4 else 2  # LayerNorm's
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        batch, n = shape[:2]
+        return batch * n * k * (1 + 2 * cls._rank(shape))
+
+    _rapply_cost = _apply_cost
+
+    @classmethod
+    def _matmul_cost(cls, shape, other, other_shape):
+        if issubclass(other, DiagonalJacobian):
+            return DiagonalLowRankJacobian, shape[0] * shape[1] * (1 + cls._rank(shape))
+        return NotImplemented
+
+    _rmatmul_cost = _matmul_cost
+
+    @classmethod
+    def _stored_items(cls, shape):
+        return shape[0] * shape[1] * (1 + 2 * cls._rank(shape))
 
     def _add(self, other):
         if isinstance(other, DiagonalJacobian):
@@ -710,6 +838,20 @@ class CoupledJacobian(Jacobian, abstract=True):
 
     def _scale(self, scalar):
         return CoupledSum((self,), (scalar,))
+
+    # ---- product costs (plan.py) ----------------------------------------------------
+    # A product with a coupled operator is kept as its factors (CoupledProduct): building
+    # it multiplies nothing, its products later cost the sum of the factors'.
+    @classmethod
+    def _matmul_cost(cls, shape, other, other_shape):
+        return CoupledProduct, 0
+
+    _rmatmul_cost = _matmul_cost
+
+    @classmethod
+    def _stored_items(cls, shape):
+        batch, m, n = shape[:3]
+        return batch * (m + n)  # the factors' own arrays, about a batch of rows each side
 
     def to_sparse(self):
         batch, m, n = self.shape
@@ -897,3 +1039,8 @@ class DenseCoupledJacobian(CoupledJacobian):
 
     def _transpose(self):
         return DenseCoupledJacobian(self.data.transpose(2, 3, 0, 1))
+
+    @classmethod
+    def _stored_items(cls, shape):
+        batch, m, n = shape[:3]
+        return batch * m * batch * n

@@ -12,7 +12,10 @@ stack through `_apply` / `_rapply`. Each operator class states these costs
 next to its product rules (`_matmul_cost`, `_rmatmul_cost`, `_apply_cost`,
 `_rapply_cost`, `_stored_items`); a class without them is costed as dense
 blocks by the `Jacobian` defaults, an upper bound, so an operator kind the
-model does not know is planned safely instead of failing.
+model does not know is planned safely instead of failing. A class whose cost
+depends on more than its shape (a convolution's kernel, a pool's window, a
+low-rank update's rank) states `_plan_shape()`: its shape followed by those
+sizes, which the plan's cache key then includes.
 """
 
 from __future__ import annotations
@@ -110,7 +113,19 @@ def _product_shape(left, right):
 
 
 def _items(ops) -> tuple:
-    return tuple((type(op), tuple(op.shape)) for op in ops)
+    return tuple((type(op), _plan_shape(op)) for op in ops)
+
+
+def _plan_shape(op) -> tuple:
+    """`op.shape`, followed by the sizes its class's costs need beyond it (if any).
+
+    A convolution's work per entry depends on its kernel, a pool's on its
+    window, a low-rank update's on its rank: such a class states
+    `_plan_shape()` as `(B, m, n, *sizes)` and reads the extra sizes in its own
+    cost methods. Every other rule reads only the first three entries.
+    """
+    own = getattr(op, "_plan_shape", None)
+    return tuple(own()) if own is not None else tuple(op.shape)
 
 
 def plan_chain(ops: list[Jacobian], order: str = "auto", *,
