@@ -176,6 +176,14 @@ def from_channel_rows(rows: np.ndarray, batch: int, positions: int) -> np.ndarra
         batch, channels * positions)
 
 
+#: What one entry of a strided copy or gather costs, in the model's flops (one
+#: multiply-add of a GEMM or of an elementwise product). Measured with one thread,
+#: best of 15 (`benchmarks/README.md`, "Plan costs of the spatial operators"):
+#: im2col and window gathers run at 1/4 to 1/10 of the elementwise rate.
+_COPY_WEIGHT = 4
+_GATHER_WEIGHT = 8
+
+
 def _conv_extras(shape) -> tuple[int, int, int, int, int]:
     """`(B, m, n, K, O)` from a conv plan shape; from a bare `(B, m, n)` (a product's
     result) the densest guess: one output channel, a kernel the size of the input."""
@@ -262,9 +270,10 @@ class ConvJacobian(Jacobian):
 
     @classmethod
     def _apply_cost(cls, shape, k):
-        # Every column is an image: its im2col copy (L K) and its share of the GEMM (m K).
+        # Every column is an image: its im2col copy (L K entries, a strided gather that
+        # runs about as slowly as _COPY_WEIGHT GEMM flops each) and its share of the GEMM.
         batch, m, _, kernel, channels_out = _conv_extras(shape)
-        return batch * k * kernel * (m + m // channels_out)
+        return batch * k * kernel * (m + _COPY_WEIGHT * (m // channels_out))
 
     _rapply_cost = _apply_cost  # W^T G (m K) and the fold of the columns (L K)
 
@@ -540,12 +549,12 @@ class SelectionJacobian(Jacobian):
     @classmethod
     def _apply_cost(cls, shape, k):
         batch, m = shape[:2]
-        return 2 * batch * m * k  # a gather and a row scale per output entry
+        return _GATHER_WEIGHT * batch * m * k  # a fancy-index gather per output entry
 
     @classmethod
     def _rapply_cost(cls, shape, k):
         batch, m, n = shape[:3]
-        return batch * k * (2 * m + n)  # the zero-filled result, then a scatter-add
+        return batch * k * (_GATHER_WEIGHT * m + n)  # the zeroed result, a scatter-add
 
     @classmethod
     def _matmul_cost(cls, shape, other, other_shape):
@@ -599,11 +608,22 @@ class PoolJacobian(Jacobian):
         return v[:, self.windows].sum(axis=2) * self._scale_factor
 
     def _vjp(self, g):
-        out = np.zeros((g.shape[0], self.in_dim), dtype=np.result_type(g, self.dtype))
-        scaled = g * self._scale_factor
+        return self._scatter(g)
+
+    def _scatter(self, values):
+        """`values` `(..., m)` spread over the windows, `/ K`: `(..., n)`.
+
+        Done on the transposed layout, one output entry per row: adding to whole
+        rows picked by a window offset is one contiguous copy each, where a
+        fancy index on the last axis walks the array entry by entry (30x slower
+        at 64 columns per sample).
+        """
+        lead, m = values.shape[:-1], values.shape[-1]
+        rows = values.reshape(-1, m).T * self._scale_factor  # (m, prod(lead))
+        out = np.zeros((self.in_dim, rows.shape[1]), dtype=np.result_type(values, self.dtype))
         for column in self.windows.T:
-            out[:, column] += scaled
-        return out
+            out[column] += rows
+        return out.T.reshape(*lead, self.in_dim)
 
     def _matrix(self):
         matrix = np.zeros(self.shape[1:], dtype=self.dtype)
@@ -628,11 +648,7 @@ class PoolJacobian(Jacobian):
         return right[..., self.windows, :].sum(axis=-2) * self._scale_factor
 
     def _rapply(self, left):
-        out = np.zeros((*left.shape[:-1], self.in_dim), dtype=np.result_type(left, self.dtype))
-        scaled = left * self._scale_factor
-        for column in self.windows.T:
-            out[..., column] += scaled
-        return out
+        return self._scatter(left)
 
     # ---- product costs (plan.py): the plan shape adds the window size K ----------
     def _plan_shape(self) -> tuple:
