@@ -387,6 +387,7 @@ def jacobian_in_pieces(net, x, order: str, max_bytes: int) -> GeneralJacobian:
     itemsize = max(np.dtype(op.dtype).itemsize for op in ops)
     items = _items(ops)
     m, n = ops[0].out_dim, ops[-1].in_dim
+    dtype = np.result_type(*[op.dtype for op in ops])
     result_bytes = batch * m * n * itemsize
 
     def predicted(piece):
@@ -408,7 +409,8 @@ def jacobian_in_pieces(net, x, order: str, max_bytes: int) -> GeneralJacobian:
         else:
             high = middle - 1
     plan, peak = predicted(low)
-    out = np.empty((batch, m, n), dtype=np.result_type(*[op.dtype for op in ops]))
+    del probe, ops  # the one-sample pass is not part of the pieces' memory
+    out = np.empty((batch, m, n), dtype=dtype)
     flops = 0
     for start in range(0, batch, low):
         _, cache = net._forward(x[start:start + low])

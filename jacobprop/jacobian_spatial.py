@@ -184,6 +184,13 @@ _COPY_WEIGHT = 4
 _GATHER_WEIGHT = 8
 
 
+def _conv_padding(shape) -> tuple[int, int]:
+    """`(Hp Wp, C)` from a conv plan shape; from a bare shape, the input as one channel."""
+    if len(shape) >= 7:
+        return int(shape[5]), int(shape[6])
+    return int(shape[2]), 1
+
+
 def _conv_extras(shape) -> tuple[int, int, int, int, int]:
     """`(B, m, n, K, O)` from a conv plan shape; from a bare `(B, m, n)` (a product's
     result) the densest guess: one output channel, a kernel the size of the input."""
@@ -266,7 +273,11 @@ class ConvJacobian(Jacobian):
 
     # ---- product costs (plan.py): the plan shape adds K = C kh kw and O --------
     def _plan_shape(self) -> tuple:
-        return (*self.shape, self.weight[0].size, self.weight.shape[0])
+        # (B, m, n, K, O, padded pixels Hp Wp, C): what the costs and temporaries need.
+        _, height, width = self.geometry.input_shape
+        ph, pw = self.geometry.padding
+        return (*self.shape, self.weight[0].size, self.weight.shape[0],
+                (height + 2 * ph) * (width + 2 * pw), self.weight.shape[1])
 
     @classmethod
     def _apply_cost(cls, shape, k):
@@ -276,6 +287,30 @@ class ConvJacobian(Jacobian):
         return batch * k * kernel * (m + _COPY_WEIGHT * (m // channels_out))
 
     _rapply_cost = _apply_cost  # W^T G (m K) and the fold of the columns (L K)
+
+    @classmethod
+    def _apply_temporary(cls, shape, k):
+        # Per column: the images laid out (n), padded (C Hp Wp), their im2col columns
+        # (K L) and the GEMM's rows before the channel-major copy (m).
+        batch, m, n, kernel, channels_out = _conv_extras(shape)
+        padded, channels = _conv_padding(shape)
+        return batch * k * (n + channels * padded + kernel * (m // channels_out) + m)
+
+    @classmethod
+    def _rapply_temporary(cls, shape, k):
+        # Per row: the covector widened to the padded grid (O Hp Wp), W^T times it
+        # (K Hp Wp), the image it is folded into (C Hp Wp) and its channel-major copy (n).
+        batch, m, n, kernel, channels_out = _conv_extras(shape)
+        padded, channels = _conv_padding(shape)
+        return batch * k * (padded * (channels_out + kernel + channels) + n)
+
+    @classmethod
+    def _forward_items(cls, shape):
+        # The layer's cache keeps the im2col columns of its input, (K, B L); while they
+        # are built the padded images exist too, and the GEMM's rows before their copy.
+        batch, m, _, kernel, channels_out = _conv_extras(shape)
+        padded, channels = _conv_padding(shape)
+        return batch * (kernel * (m // channels_out) + channels * padded + m)
 
     @classmethod
     def _stored_items(cls, shape):
@@ -565,6 +600,16 @@ class SelectionJacobian(Jacobian):
     _rmatmul_cost = _matmul_cost
 
     @classmethod
+    def _apply_temporary(cls, shape, k):
+        return shape[0] * shape[1] * k  # the picked rows before their weights
+
+    _rapply_temporary = _apply_temporary  # the weighted rows before the scatter
+
+    @classmethod
+    def _forward_items(cls, shape):
+        return shape[0] * shape[1]  # the max-pool cache keeps the winners' indices
+
+    @classmethod
     def _stored_items(cls, shape):
         return 2 * shape[0] * shape[1]  # indices and weights
 
@@ -667,6 +712,15 @@ class PoolJacobian(Jacobian):
     def _rapply_cost(cls, shape, k):
         batch, m, n = shape[:3]
         return batch * k * (m * (cls._window(shape) + 1) + n)
+
+    @classmethod
+    def _apply_temporary(cls, shape, k):
+        return shape[0] * shape[1] * k * cls._window(shape)  # the gathered windows
+
+    @classmethod
+    def _rapply_temporary(cls, shape, k):
+        batch, m, n = shape[:3]
+        return batch * k * (m + n)  # the scaled rows and the transposed sums
 
     @classmethod
     def _stored_items(cls, shape):

@@ -95,13 +95,32 @@ def product_estimate(left, right) -> tuple[type, int, int]:
     if found is not NotImplemented:
         return found[0], int(found[1]), 0
     if issubclass(lcls, GeneralJacobian):
-        return GeneralJacobian, int(rcls._rapply_cost(rshape, lshape[1])), 0
+        return (GeneralJacobian, int(rcls._rapply_cost(rshape, lshape[1])),
+                _temporary(rcls, "_rapply_temporary", rshape, lshape[1]))
     if issubclass(rcls, GeneralJacobian):
-        return GeneralJacobian, int(lcls._apply_cost(lshape, rshape[2])), 0
+        return (GeneralJacobian, int(lcls._apply_cost(lshape, rshape[2])),
+                _temporary(lcls, "_apply_temporary", lshape, rshape[2]))
     rsize, lsize = _dense_items(rshape), _dense_items(lshape)
     if rsize <= lsize:
-        return GeneralJacobian, int(lcls._apply_cost(lshape, rshape[2]) + rsize), rsize
-    return GeneralJacobian, int(rcls._rapply_cost(rshape, lshape[1]) + lsize), lsize
+        return (GeneralJacobian, int(lcls._apply_cost(lshape, rshape[2]) + rsize),
+                rsize + _temporary(lcls, "_apply_temporary", lshape, rshape[2]))
+    return (GeneralJacobian, int(rcls._rapply_cost(rshape, lshape[1]) + lsize),
+            lsize + _temporary(rcls, "_rapply_temporary", rshape, lshape[1]))
+
+
+def _temporary(cls, hook: str, shape, k: int) -> int:
+    """Entries a class's `_apply` / `_rapply` allocates besides its result (0 if unstated).
+
+    Optional class methods `_apply_temporary(shape, k)` / `_rapply_temporary(shape, k)`:
+    a convolution's im2col columns can be larger than the product itself.
+    """
+    own = getattr(cls, hook, None)
+    return int(own(shape, k)) if own is not None else 0
+
+
+def _forward_cache_items(cls, shape) -> int:
+    own = getattr(cls, "_forward_items", None)
+    return int(own(shape)) if own is not None else 0
 
 
 def _dense_items(shape) -> int:
@@ -171,6 +190,9 @@ def _plan_items(items: tuple, order: str, itemsize: int, forward: bool = False) 
     batch = items[0][1][0]
     if forward:
         stored += batch * (items[0][1][1] + sum(shape[2] for _, shape in items))
+        # What a layer's cache keeps beyond its input (a convolution's im2col columns),
+        # stated by its Jacobian's class as `_forward_items(shape)`.
+        stored += sum(_forward_cache_items(cls, shape) for cls, shape in items)
     return ChainPlan(order, _tree_name(tree, len(items)), tree, flops,
                      (stored + peak) * itemsize, batch, batch)
 
