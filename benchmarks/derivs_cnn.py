@@ -8,6 +8,10 @@ repository root:
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONPATH=$PWD \
         python benchmarks/derivs_cnn.py
+
+With `torch` as the argument (in the peers' venv,
+`/work/peers/venv/bin/python benchmarks/derivs_cnn.py torch`) torch.func's
+`vmap(grad)` of the same network runs beside them, one torch thread.
 """
 
 import time
@@ -29,7 +33,30 @@ def loop_per_sample(net, x, t, loss):
     return [net.value_and_grad(x[i:i + 1], t[i:i + 1], loss)[1] for i in range(len(x))]
 
 
-def main(batch=64, repeats=7):
+def torch_per_sample(net, x, t, batch):
+    """torch.func `vmap(grad)` of the same network and loss (per-sample rows, summed loss)."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812 (torch's own name)
+
+    keys = list(net.params)
+    params = {key: torch.tensor(net.params[key]) for key in keys}
+
+    def one(p, xi, label):
+        h = xi.reshape(1, 3, 16, 16)
+        h = F.max_pool2d(F.relu(F.conv2d(h, p["0.W"], p["0.b"], padding=1)), 2)
+        h = F.max_pool2d(F.relu(F.conv2d(h, p["3.W"], p["3.b"], padding=1)), 2)
+        h = F.layer_norm(h.flatten(1), (512,), p["7.gamma"], p["7.beta"], eps=1e-5)
+        logits = F.linear(h, p["8.W"], p["8.b"])[0]
+        return torch.logsumexp(logits, 0) - (logits * label).sum()
+
+    fn = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
+    onehot = np.zeros((batch, 10))
+    onehot[np.arange(batch), t] = 1
+    xt, lt = torch.tensor(x), torch.tensor(onehot)
+    return lambda: fn(params, xt, lt), lambda out: {k: out[k].numpy() for k in keys}
+
+
+def main(batch=64, repeats=7, against=()):
     rng = np.random.default_rng(0)
     net = build(rng)
     x = rng.standard_normal((batch, 768))
@@ -47,6 +74,15 @@ def main(batch=64, repeats=7):
         "GGN product": lambda: ggn @ v,
         "Hessian product": lambda: hess @ v,
     }
+    if "torch" in against:
+        import torch
+
+        torch.set_num_threads(1)
+        run, convert = torch_per_sample(net, x, t, batch)
+        rows = net.value_and_grad(x, t, loss, per_sample=True)[1]
+        deviation = max(float(np.abs(convert(run())[k] - rows[k]).max()) for k in rows)
+        print(f"torch.func vmap(grad) against per_sample=True: max abs deviation {deviation:.2e}")
+        cases["torch.func vmap(grad)"] = run
     times = {name: [] for name in cases}
     for _ in range(repeats):
         for name, case in cases.items():
@@ -61,4 +97,6 @@ def main(batch=64, repeats=7):
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(against=tuple(sys.argv[1].split(",")) if len(sys.argv) > 1 else ())
