@@ -399,9 +399,15 @@ class PatchesJacobian(Jacobian):
         batch, k, _ = self.left.shape
         return self.left._dense_view().reshape(batch, k, self.out_channels, self._positions)
 
+    def _patches_last(self) -> np.ndarray:
+        """The columns as `(B, L, q)`: `P_i` per sample, ready for batched GEMMs."""
+        return self._per_sample.transpose(1, 2, 0)
+
     def _to_dense(self):
-        dense = np.einsum("bkol,qbl->bkoq", self._left_blocks(), self._per_sample)
-        return dense.reshape(self.shape)
+        # One batched GEMM (B of (k O, L) @ (L, q)); einsum would not use BLAS here.
+        batch, k, _ = self.left.shape
+        blocks = self._left_blocks().reshape(batch, k * self.out_channels, self._positions)
+        return np.matmul(blocks, self._patches_last()).reshape(self.shape)
 
     def _batch_sum(self):
         # Contract over samples and positions at once: one GEMM.
@@ -420,15 +426,14 @@ class PatchesJacobian(Jacobian):
         batch = self.batch_size
         right = np.broadcast_to(right, (batch, *right.shape[-2:]))
         blocks = right.reshape(batch, self.out_channels, self.columns.shape[0], -1)
-        values = np.einsum("qbl,boqr->bolr", self._per_sample, blocks)
+        values = np.matmul(self._patches_last()[:, None], blocks)  # (B, O, L, r)
         return self.left._apply(values.reshape(batch, self.left.in_dim, values.shape[-1]))
 
     def _rapply(self, left):
         reduced = self.left._rapply(left)
         batch, rows, _ = reduced.shape
-        reduced = reduced.reshape(batch, rows, self.out_channels, self._positions)
-        dense = np.einsum("brol,qbl->broq", reduced, self._per_sample)
-        return dense.reshape(batch, rows, self.in_dim)
+        reduced = reduced.reshape(batch, rows * self.out_channels, self._positions)
+        return np.matmul(reduced, self._patches_last()).reshape(batch, rows, self.in_dim)
 
     def _rmatmul(self, other):
         return PatchesJacobian(_compose(other, self.left), self.columns, self.out_channels)
