@@ -377,3 +377,49 @@ def test_cnn_jacobian_in_pieces_equals_the_whole_within_the_bound(order):
         # The prediction counts the convolutions' im2col columns (in the cache and in
         # the products): what numpy really allocates stays near the bound.
         assert traced <= 1.2 * max_bytes
+
+
+def test_curvature_of_a_cnn_in_float32_follows_float64_and_stays_finite_when_large():
+    net, rng = small_cnn(210, "SiLU", dtype=np.float32)
+    twin, _ = small_cnn(210, "SiLU")
+    x = clear_of_ties(twin, rng, 3)
+    t = rng.integers(0, 4, size=3)
+    loss = jp.SoftmaxCrossEntropy()
+    v = rng.standard_normal(FlatParams(net.params).size)
+    got = jp.hessian(net, x.astype(np.float32), t, loss) @ v.astype(np.float32)
+    want = jp.hessian(twin, x, t, loss) @ v
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    # Saturated GELU / SiLU / ELU and LayerNorm at large inputs: finite, symmetric.
+    net, rng = smooth_mlp(211)
+    x = rng.standard_normal((3, 4)) * 1e4
+    hess = materialize(jp.hessian(net, x, rng.integers(0, 3, size=3),
+                                  jp.SoftmaxCrossEntropy()))
+    assert np.isfinite(hess).all()
+    np.testing.assert_allclose(hess, hess.T, atol=1e-10 * max(np.abs(hess).max(), 1e-300))
+
+
+def test_ggn_through_train_mode_batchnorm_is_the_explicit_product_and_psd():
+    rng = np.random.default_rng(220)
+    net = jp.Sequential(jp.Dense(3, 4, rng=rng), jp.BatchNorm(4), jp.GELU(),
+                        jp.Dense(4, 2, rng=rng))
+    randomize_norms(net, rng)
+    x, t = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    ggn = materialize(jp.ggn(net, x, t, jp.MSE()))
+    # J over the whole batch (the outputs of every sample move with every parameter),
+    # by differences of the outputs; MSE's Hessian is 2 / (B m) I.
+    flat = FlatParams(net.params)
+    theta = flat.flatten(net.params)
+    columns = []
+    for e in np.eye(flat.size):
+        flat.assign(net.params, theta + 1e-6 * e)
+        plus = net(x)
+        flat.assign(net.params, theta - 1e-6 * e)
+        minus = net(x)
+        columns.append(((plus - minus) / 2e-6).reshape(-1))
+    flat.assign(net.params, theta)
+    jac = np.stack(columns, axis=1)
+    np.testing.assert_allclose(ggn, jac.T @ jac * (2 / 10), rtol=1e-5,
+                               atol=1e-7 * np.abs(ggn).max())
+    np.testing.assert_allclose(ggn, ggn.T, atol=1e-12 * np.abs(ggn).max())
+    assert np.linalg.eigvalsh(ggn).min() > -1e-10 * np.abs(ggn).max()
