@@ -915,13 +915,21 @@ class CoupledJacobian(Jacobian, abstract=True):
         return CoupledSum((self,), (scalar,))
 
     # ---- product costs (plan.py) ----------------------------------------------------
-    # A product with a coupled operator is kept as its factors (CoupledProduct): building
-    # it multiplies nothing, its products later cost the sum of the factors'.
+    # A product with a coupled operator is kept as its factors (CoupledProduct): nothing
+    # is multiplied across the batch, but a per-sample operator next to a per-sample end
+    # factor is merged into it by its own rule. The end factor's other side is not in
+    # `shape`, so the merge is costed as `other` applied to `n` (or `m`) columns.
     @classmethod
     def _matmul_cost(cls, shape, other, other_shape):
-        return CoupledProduct, 0
+        if getattr(other, "couples_samples", False):
+            return CoupledProduct, 0
+        return CoupledProduct, other._rapply_cost(other_shape, shape[2])
 
-    _rmatmul_cost = _matmul_cost
+    @classmethod
+    def _rmatmul_cost(cls, shape, other, other_shape):
+        if getattr(other, "couples_samples", False):
+            return CoupledProduct, 0
+        return CoupledProduct, other._apply_cost(other_shape, shape[1])
 
     @classmethod
     def _stored_items(cls, shape):
