@@ -15,7 +15,11 @@ blocks by the `Jacobian` defaults, an upper bound, so an operator kind the
 model does not know is planned safely instead of failing. A class whose cost
 depends on more than its shape (a convolution's kernel, a pool's window, a
 low-rank update's rank) states `_plan_shape()`: its shape followed by those
-sizes, which the plan's cache key then includes.
+sizes, which the plan's cache key then includes. For the predicted peak a
+class may also state `_apply_temporary(shape, k)` / `_rapply_temporary(shape,
+k)` (entries its products allocate besides their result, e.g. im2col columns)
+and `_forward_items(shape)` (what its layer's cache keeps beyond the input);
+all three default to 0.
 """
 
 from __future__ import annotations
