@@ -529,6 +529,28 @@ def _block_param_jvp(block, cache, tangents) -> np.ndarray | None:
     return r
 
 
+def _block_per_sample(block, cache, g, norms: bool):
+    """`Layer._per_sample_grads` (or `_per_sample_sq_norms`) of a `Sequential` block.
+
+    The covector is walked back through the block's layers as in
+    `per_sample_value_and_grad`; rows are keyed as `block.params`.
+    """
+    leaves = _leaves(block, cache)
+    rows, total = {}, None
+    for position in range(len(leaves) - 1, -1, -1):
+        layer, layer_cache, keys = leaves[position]
+        if keys:
+            if norms:
+                part = layer._per_sample_sq_norms(layer_cache, g)
+                total = part if total is None else total + part
+            else:
+                own = layer._per_sample_grads(layer_cache, g)
+                rows.update({keys[name]: own[name] for name in keys})
+        if position > 0:
+            g = layer._input_vjp(layer_cache, g)
+    return total if norms else {key: rows[key] for key in block.params}
+
+
 def _block_second_vjp(block, cache, g, v, tangents, need_input=True):
     """`Layer._second_vjp` of a `Sequential` used as a block (inside a `Residual`).
 

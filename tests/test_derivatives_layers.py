@@ -429,3 +429,21 @@ def test_ggn_through_train_mode_batchnorm_is_the_explicit_product_and_psd():
                                atol=1e-7 * np.abs(ggn).max())
     np.testing.assert_allclose(ggn, ggn.T, atol=1e-12 * np.abs(ggn).max())
     assert np.linalg.eigvalsh(ggn).min() > -1e-10 * np.abs(ggn).max()
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_residual_per_sample_hooks_equal_the_parameter_jacobian_default(nested):
+    rng = np.random.default_rng(230 + nested)
+    block = (jp.Sequential(jp.Dense(4, 4, rng=rng), jp.Sequential(jp.GELU(), jp.LayerNorm(4)),
+                           jp.Dense(4, 4, rng=rng)) if nested else jp.Dense(4, 4, rng=rng))
+    layer = jp.Residual(block)
+    randomize_norms(block if nested else jp.Sequential(block), rng)
+    _, cache = layer.forward(rng.standard_normal((3, 4)))
+    g = rng.standard_normal((3, 4))
+    rows = layer._per_sample_grads(cache, g)
+    default = jp.Layer._per_sample_grads(layer, cache, g)
+    assert list(rows) == list(layer.params)
+    for key in rows:
+        np.testing.assert_allclose(rows[key], default[key], rtol=1e-12, atol=1e-14)
+    want = sum((rows[key].reshape(3, -1) ** 2).sum(axis=1) for key in rows)
+    np.testing.assert_allclose(layer._per_sample_sq_norms(cache, g), want, rtol=1e-12)

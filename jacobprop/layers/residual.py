@@ -160,6 +160,22 @@ class Residual(Layer):
         return self.block._call_param_jacobians(cache.block)
 
     # ---- hooks of jacobprop.derivatives: the block's, as y - x = block(x) ----
+    def _per_sample_grads(self, cache, g):
+        from ..derivatives import _block_per_sample
+        from ..network import Sequential
+
+        if isinstance(self.block, Sequential):
+            return _block_per_sample(self.block, cache.block, g, norms=False)
+        return self.block._per_sample_grads(cache.block, g)
+
+    def _per_sample_sq_norms(self, cache, g):
+        from ..derivatives import _block_per_sample
+        from ..network import Sequential
+
+        if isinstance(self.block, Sequential):
+            return _block_per_sample(self.block, cache.block, g, norms=True)
+        return self.block._per_sample_sq_norms(cache.block, g)
+
     def _param_jvp(self, cache, tangents):
         from ..derivatives import _block_param_jvp
         from ..network import Sequential
