@@ -529,6 +529,13 @@ def _block_param_jvp(block, cache, tangents) -> np.ndarray | None:
     return r
 
 
+def _block_input_vjp(block, cache, g) -> np.ndarray:
+    """`Layer._input_vjp` of a `Sequential` block: each layer's own, last to first."""
+    for layer, layer_cache, _ in reversed(_leaves(block, cache)):
+        g = layer._input_vjp(layer_cache, g)
+    return g
+
+
 def _block_per_sample(block, cache, g, norms: bool):
     """`Layer._per_sample_grads` (or `_per_sample_sq_norms`) of a `Sequential` block.
 

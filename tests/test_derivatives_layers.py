@@ -447,3 +447,20 @@ def test_residual_per_sample_hooks_equal_the_parameter_jacobian_default(nested):
         np.testing.assert_allclose(rows[key], default[key], rtol=1e-12, atol=1e-14)
     want = sum((rows[key].reshape(3, -1) ** 2).sum(axis=1) for key in rows)
     np.testing.assert_allclose(layer._per_sample_sq_norms(cache, g), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["Residual", "LayerNorm", "BatchNorm"])
+def test_input_vjp_shortcuts_equal_the_jacobian_vjp(name):
+    rng = np.random.default_rng(240 + len(name))
+    if name == "Residual":
+        layer = jp.Residual(jp.Sequential(jp.Dense(5, 5, rng=rng), jp.SiLU(),
+                                          jp.Residual(jp.Dense(5, 5, rng=rng))))
+    else:
+        layer = jp.LAYERS[name](5)
+        randomize_norms(jp.Sequential(layer), rng)
+    for training in (True, False):
+        layer.training = training
+        _, cache = layer.forward(rng.standard_normal((4, 5)))
+        g = rng.standard_normal((4, 5))
+        np.testing.assert_allclose(layer._input_vjp(cache, g),
+                                   layer.jacobian(cache).vjp(g), rtol=1e-12, atol=1e-14)

@@ -91,6 +91,11 @@ class _Norm(Layer):
     # Per sample, y = gamma * xh + beta whatever the statistics: the parameter rows are
     # g * xh and g. Only for BatchNorm in train mode do samples meet, and every per-sample
     # path refuses that mode before it calls these.
+    def _input_vjp(self, cache, g):
+        # The vjp's closed form (two reductions for gamma and beta come with it); the
+        # default would build the structured Jacobian first.
+        return self._call_vjp(cache, g, True)[0]
+
     def _per_sample_grads(self, cache, g):
         if not self.affine:
             return {}

@@ -160,6 +160,15 @@ class Residual(Layer):
         return self.block._call_param_jacobians(cache.block)
 
     # ---- hooks of jacobprop.derivatives: the block's, as y - x = block(x) ----
+    def _input_vjp(self, cache, g):
+        # g + g @ J_block, layer by layer: the default would form the block's Jacobian.
+        from ..derivatives import _block_input_vjp
+        from ..network import Sequential
+
+        if isinstance(self.block, Sequential):
+            return g + _block_input_vjp(self.block, cache.block, g)
+        return g + self.block._input_vjp(cache.block, g)
+
     def _per_sample_grads(self, cache, g):
         from ..derivatives import _block_per_sample
         from ..network import Sequential
