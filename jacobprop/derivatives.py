@@ -45,7 +45,7 @@ from .jacobian import (
 )
 from .losses import Loss
 from .network import Sequential
-from .plan import ChainPlan, _plan_items
+from .plan import ChainPlan, _items, _plan_items
 
 __all__ = [
     "ParamJacobian",
@@ -385,8 +385,9 @@ def jacobian_in_pieces(net, x, order: str, max_bytes: int) -> GeneralJacobian:
     _, probe = net._forward(x[:1])
     ops = net._jacobian_ops(probe)
     itemsize = max(np.dtype(op.dtype).itemsize for op in ops)
-    items = tuple((type(op), tuple(op.shape)) for op in ops)
+    items = _items(ops)
     m, n = ops[0].out_dim, ops[-1].in_dim
+    dtype = np.result_type(*[op.dtype for op in ops])
     result_bytes = batch * m * n * itemsize
 
     def predicted(piece):
@@ -408,7 +409,8 @@ def jacobian_in_pieces(net, x, order: str, max_bytes: int) -> GeneralJacobian:
         else:
             high = middle - 1
     plan, peak = predicted(low)
-    out = np.empty((batch, m, n), dtype=np.result_type(*[op.dtype for op in ops]))
+    del probe, ops  # the one-sample pass is not part of the pieces' memory
+    out = np.empty((batch, m, n), dtype=dtype)
     flops = 0
     for start in range(0, batch, low):
         _, cache = net._forward(x[start:start + low])
@@ -509,6 +511,95 @@ class Curvature:
                 out[self._slots[key]] = own[name].reshape(-1)
             rg = gx
         return out
+
+
+def _block_param_jvp(block, cache, tangents) -> np.ndarray | None:
+    """`Layer._param_jvp` of a `Sequential` used as a block (inside a `Residual`).
+
+    `tangents` is keyed as `block.params`; the tangent is pushed through the
+    later layers by their jvps.
+    """
+    r = None
+    for layer, layer_cache, keys in _leaves(block, cache):
+        out = None if r is None else layer._call_jvp(layer_cache, r)
+        if keys:
+            moved = layer._param_jvp(layer_cache, {n: tangents[k] for n, k in keys.items()})
+            out = moved if out is None else out + moved
+        r = out
+    return r
+
+
+def _block_input_vjp(block, cache, g) -> np.ndarray:
+    """`Layer._input_vjp` of a `Sequential` block: each layer's own, last to first."""
+    for layer, layer_cache, _ in reversed(_leaves(block, cache)):
+        g = layer._input_vjp(layer_cache, g)
+    return g
+
+
+def _block_per_sample(block, cache, g, norms: bool):
+    """`Layer._per_sample_grads` (or `_per_sample_sq_norms`) of a `Sequential` block.
+
+    The covector is walked back through the block's layers as in
+    `per_sample_value_and_grad`; rows are keyed as `block.params`.
+    """
+    leaves = _leaves(block, cache)
+    rows, total = {}, None
+    for position in range(len(leaves) - 1, -1, -1):
+        layer, layer_cache, keys = leaves[position]
+        if keys:
+            if norms:
+                part = layer._per_sample_sq_norms(layer_cache, g)
+                total = part if total is None else total + part
+            else:
+                own = layer._per_sample_grads(layer_cache, g)
+                rows.update({keys[name]: own[name] for name in keys})
+        if position > 0:
+            g = layer._input_vjp(layer_cache, g)
+    return total if norms else {key: rows[key] for key in block.params}
+
+
+def _block_second_vjp(block, cache, g, v, tangents, need_input=True):
+    """`Layer._second_vjp` of a `Sequential` used as a block (inside a `Residual`).
+
+    The derivative of the block's vjp with `g` fixed, along the input tangent
+    `v` and the parameter direction `tangents` (keyed as `block.params`), is
+    the R-operator of the block alone: a tangent sweep forward (`r_l`), then a
+    backward sweep that starts from a zero covector change at the block's
+    output and adds every layer's own second-order term with its covector
+    `g_l` (pulled back from `g`). Returns `(input part or None, {key: part})`.
+    """
+    leaves = _leaves(block, cache)
+    inputs, r = [], v
+    for layer, layer_cache, keys in leaves:
+        inputs.append(r)
+        out = None if r is None else layer._call_jvp(layer_cache, r)
+        if keys:
+            moved = layer._param_jvp(layer_cache, {n: tangents[k] for n, k in keys.items()})
+            out = moved if out is None else out + moved
+        r = out
+    covectors = [None] * len(leaves)
+    for position in range(len(leaves) - 1, -1, -1):
+        covectors[position] = g
+        if position > 0:
+            g = leaves[position].layer._input_vjp(leaves[position].cache, g)
+    change, grads = None, {}  # the change of the covector, None meaning zero
+    for position in range(len(leaves) - 1, -1, -1):
+        layer, layer_cache, keys = leaves[position]
+        needed = position > 0 or need_input
+        gx, own = None, {}
+        if change is not None:
+            gx, own = layer._call_vjp(layer_cache, change, needed)
+        local = {n: tangents[k] for n, k in keys.items()}
+        gx2, own2 = layer._second_vjp(layer_cache, covectors[position], inputs[position],
+                                      local, needed)
+        if gx2 is not None and needed:
+            gx = gx2 if gx is None else _accumulate(gx, gx2, change)
+        for name, value in own2.items():
+            own[name] = value if name not in own else _accumulate(own[name], value, change)
+        for name, value in own.items():
+            grads[keys[name]] = value
+        change = gx if needed else None
+    return change, grads
 
 
 def _accumulate(total, part, protected):

@@ -176,6 +176,30 @@ def from_channel_rows(rows: np.ndarray, batch: int, positions: int) -> np.ndarra
         batch, channels * positions)
 
 
+#: What one entry of a strided copy or gather costs, in the model's flops (one
+#: multiply-add of a GEMM or of an elementwise product). Measured with one thread,
+#: best of 15 (`benchmarks/README.md`, "Plan costs of the spatial operators"):
+#: im2col and window gathers run at 1/4 to 1/10 of the elementwise rate.
+_COPY_WEIGHT = 4
+_GATHER_WEIGHT = 8
+
+
+def _conv_padding(shape) -> tuple[int, int]:
+    """`(Hp Wp, C)` from a conv plan shape; from a bare shape, the input as one channel."""
+    if len(shape) >= 7:
+        return int(shape[5]), int(shape[6])
+    return int(shape[2]), 1
+
+
+def _conv_extras(shape) -> tuple[int, int, int, int, int]:
+    """`(B, m, n, K, O)` from a conv plan shape; from a bare `(B, m, n)` (a product's
+    result) the densest guess: one output channel, a kernel the size of the input."""
+    if len(shape) >= 5:
+        return tuple(int(v) for v in shape[:5])
+    batch, m, n = shape[:3]
+    return batch, m, n, n, 1
+
+
 class ConvJacobian(Jacobian):
     """dy/dx of a convolution: one Toeplitz-like `(O*L, C*H*W)` matrix shared by every sample.
 
@@ -246,6 +270,52 @@ class ConvJacobian(Jacobian):
 
     def _scale(self, scalar):
         return ConvJacobian(scalar * self.weight, self.geometry, self.batch_size)
+
+    # ---- product costs (plan.py): the plan shape adds K = C kh kw and O --------
+    def _plan_shape(self) -> tuple:
+        # (B, m, n, K, O, padded pixels Hp Wp, C): what the costs and temporaries need.
+        _, height, width = self.geometry.input_shape
+        ph, pw = self.geometry.padding
+        return (*self.shape, self.weight[0].size, self.weight.shape[0],
+                (height + 2 * ph) * (width + 2 * pw), self.weight.shape[1])
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        # Every column is an image: its im2col copy (L K entries, a strided gather that
+        # runs about as slowly as _COPY_WEIGHT GEMM flops each) and its share of the GEMM.
+        batch, m, _, kernel, channels_out = _conv_extras(shape)
+        return batch * k * kernel * (m + _COPY_WEIGHT * (m // channels_out))
+
+    _rapply_cost = _apply_cost  # W^T G (m K) and the fold of the columns (L K)
+
+    @classmethod
+    def _apply_temporary(cls, shape, k):
+        # Per column: the images laid out (n), padded (C Hp Wp), their im2col columns
+        # (K L) and the GEMM's rows before the channel-major copy (m).
+        batch, m, n, kernel, channels_out = _conv_extras(shape)
+        padded, channels = _conv_padding(shape)
+        return batch * k * (n + channels * padded + kernel * (m // channels_out) + m)
+
+    @classmethod
+    def _rapply_temporary(cls, shape, k):
+        # Per row: the covector widened to the padded grid (O Hp Wp), W^T times it
+        # (K Hp Wp), the image it is folded into (C Hp Wp) and its channel-major copy (n).
+        batch, m, n, kernel, channels_out = _conv_extras(shape)
+        padded, channels = _conv_padding(shape)
+        return batch * k * (padded * (channels_out + kernel + channels) + n)
+
+    @classmethod
+    def _forward_items(cls, shape):
+        # The layer's cache keeps the im2col columns of its input, (K, B L); while they
+        # are built the padded images exist too, and the GEMM's rows before their copy.
+        batch, m, _, kernel, channels_out = _conv_extras(shape)
+        padded, channels = _conv_padding(shape)
+        return batch * (kernel * (m // channels_out) + channels * padded + m)
+
+    @classmethod
+    def _stored_items(cls, shape):
+        _, _, _, kernel, channels_out = _conv_extras(shape)
+        return kernel * channels_out
 
     def to_sparse(self):
         block = sparse.csr_array(self._matrix())
@@ -329,9 +399,15 @@ class PatchesJacobian(Jacobian):
         batch, k, _ = self.left.shape
         return self.left._dense_view().reshape(batch, k, self.out_channels, self._positions)
 
+    def _patches_last(self) -> np.ndarray:
+        """The columns as `(B, L, q)`: `P_i` per sample, ready for batched GEMMs."""
+        return self._per_sample.transpose(1, 2, 0)
+
     def _to_dense(self):
-        dense = np.einsum("bkol,qbl->bkoq", self._left_blocks(), self._per_sample)
-        return dense.reshape(self.shape)
+        # One batched GEMM (B of (k O, L) @ (L, q)); einsum would not use BLAS here.
+        batch, k, _ = self.left.shape
+        blocks = self._left_blocks().reshape(batch, k * self.out_channels, self._positions)
+        return np.matmul(blocks, self._patches_last()).reshape(self.shape)
 
     def _batch_sum(self):
         # Contract over samples and positions at once: one GEMM.
@@ -350,21 +426,50 @@ class PatchesJacobian(Jacobian):
         batch = self.batch_size
         right = np.broadcast_to(right, (batch, *right.shape[-2:]))
         blocks = right.reshape(batch, self.out_channels, self.columns.shape[0], -1)
-        values = np.einsum("qbl,boqr->bolr", self._per_sample, blocks)
+        values = np.matmul(self._patches_last()[:, None], blocks)  # (B, O, L, r)
         return self.left._apply(values.reshape(batch, self.left.in_dim, values.shape[-1]))
 
     def _rapply(self, left):
         reduced = self.left._rapply(left)
         batch, rows, _ = reduced.shape
-        reduced = reduced.reshape(batch, rows, self.out_channels, self._positions)
-        dense = np.einsum("brol,qbl->broq", reduced, self._per_sample)
-        return dense.reshape(batch, rows, self.in_dim)
+        reduced = reduced.reshape(batch, rows * self.out_channels, self._positions)
+        return np.matmul(reduced, self._patches_last()).reshape(batch, rows, self.in_dim)
 
     def _rmatmul(self, other):
         return PatchesJacobian(_compose(other, self.left), self.columns, self.out_channels)
 
     def _scale(self, scalar):
         return PatchesJacobian(self.left._scale(scalar), self.columns, self.out_channels)
+
+    # ---- product costs (plan.py): the plan shape adds O and L -------------------
+    def _plan_shape(self) -> tuple:
+        return (*self.shape, self.out_channels, self._positions)
+
+    @classmethod
+    def _patches_extras(cls, shape):
+        batch, k, n = shape[:3]
+        if len(shape) >= 5:
+            return batch, k, n, int(shape[3]), int(shape[4])
+        return batch, k, n, 1, k  # a bare shape: one channel, as many positions as rows
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        # Contract the columns per sample (O L q per column), then the left factor as dense.
+        batch, rows, n, channels_out, positions = cls._patches_extras(shape)
+        return batch * k * (positions * n + rows * channels_out * positions)
+
+    _rapply_cost = _apply_cost
+
+    @classmethod
+    def _rmatmul_cost(cls, shape, other, other_shape):
+        # `other` is absorbed by the left factor (the identity for a layer's own block).
+        batch, rows, _, channels_out, positions = cls._patches_extras(shape)
+        return PatchesJacobian, other._apply_cost(other_shape, channels_out * positions)
+
+    @classmethod
+    def _stored_items(cls, shape):
+        batch, rows, n, channels_out, positions = cls._patches_extras(shape)
+        return batch * positions * (n // channels_out) + batch * rows * channels_out * positions
 
 
 # ---------------------------------------------------------------------------
@@ -480,6 +585,39 @@ class SelectionJacobian(Jacobian):
         return SelectionJacobian(self.indices, self.in_dim, scalar * self._row_weights(),
                                  distinct=self.distinct)
 
+    # ---- product costs (plan.py) ----------------------------------------------------
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        batch, m = shape[:2]
+        return _GATHER_WEIGHT * batch * m * k  # a fancy-index gather per output entry
+
+    @classmethod
+    def _rapply_cost(cls, shape, k):
+        batch, m, n = shape[:3]
+        return batch * k * (_GATHER_WEIGHT * m + n)  # the zeroed result, a scatter-add
+
+    @classmethod
+    def _matmul_cost(cls, shape, other, other_shape):
+        if issubclass(other, DiagonalJacobian):
+            return SelectionJacobian, 2 * shape[0] * shape[1]
+        return NotImplemented
+
+    _rmatmul_cost = _matmul_cost
+
+    @classmethod
+    def _apply_temporary(cls, shape, k):
+        return shape[0] * shape[1] * k  # the picked rows before their weights
+
+    _rapply_temporary = _apply_temporary  # the weighted rows before the scatter
+
+    @classmethod
+    def _forward_items(cls, shape):
+        return shape[0] * shape[1]  # the max-pool cache keeps the winners' indices
+
+    @classmethod
+    def _stored_items(cls, shape):
+        return 2 * shape[0] * shape[1]  # indices and weights
+
     def to_sparse(self):
         batch, m, n = self.shape
         rows = np.arange(batch * m)
@@ -520,11 +658,22 @@ class PoolJacobian(Jacobian):
         return v[:, self.windows].sum(axis=2) * self._scale_factor
 
     def _vjp(self, g):
-        out = np.zeros((g.shape[0], self.in_dim), dtype=np.result_type(g, self.dtype))
-        scaled = g * self._scale_factor
+        return self._scatter(g)
+
+    def _scatter(self, values):
+        """`values` `(..., m)` spread over the windows, `/ K`: `(..., n)`.
+
+        Done on the transposed layout, one output entry per row: adding to whole
+        rows picked by a window offset is one contiguous copy each, where a
+        fancy index on the last axis walks the array entry by entry (30x slower
+        at 64 columns per sample).
+        """
+        lead, m = values.shape[:-1], values.shape[-1]
+        rows = values.reshape(-1, m).T * self._scale_factor  # (m, prod(lead))
+        out = np.zeros((self.in_dim, rows.shape[1]), dtype=np.result_type(values, self.dtype))
         for column in self.windows.T:
-            out[:, column] += scaled
-        return out
+            out[column] += rows
+        return out.T.reshape(*lead, self.in_dim)
 
     def _matrix(self):
         matrix = np.zeros(self.shape[1:], dtype=self.dtype)
@@ -549,11 +698,38 @@ class PoolJacobian(Jacobian):
         return right[..., self.windows, :].sum(axis=-2) * self._scale_factor
 
     def _rapply(self, left):
-        out = np.zeros((*left.shape[:-1], self.in_dim), dtype=np.result_type(left, self.dtype))
-        scaled = left * self._scale_factor
-        for column in self.windows.T:
-            out[..., column] += scaled
-        return out
+        return self._scatter(left)
+
+    # ---- product costs (plan.py): the plan shape adds the window size K ----------
+    def _plan_shape(self) -> tuple:
+        return (*self.shape, self.windows.shape[1])
+
+    @classmethod
+    def _window(cls, shape) -> int:
+        return int(shape[3]) if len(shape) >= 4 else max(shape[2] // max(shape[1], 1), 1)
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        batch, m = shape[:2]
+        return batch * m * k * (cls._window(shape) + 1)
+
+    @classmethod
+    def _rapply_cost(cls, shape, k):
+        batch, m, n = shape[:3]
+        return batch * k * (m * (cls._window(shape) + 1) + n)
+
+    @classmethod
+    def _apply_temporary(cls, shape, k):
+        return shape[0] * shape[1] * k * cls._window(shape)  # the gathered windows
+
+    @classmethod
+    def _rapply_temporary(cls, shape, k):
+        batch, m, n = shape[:3]
+        return batch * k * (m + n)  # the scaled rows and the transposed sums
+
+    @classmethod
+    def _stored_items(cls, shape):
+        return shape[1] * cls._window(shape)
 
 
 # ---------------------------------------------------------------------------
@@ -629,6 +805,33 @@ class DiagonalLowRankJacobian(Jacobian):
             return DiagonalLowRankJacobian(d * self.diagonal, d[:, :, None] * self.left,
                                            self.right)
         return NotImplemented
+
+    # ---- product costs (plan.py): the plan shape adds the rank r -----------------
+    def _plan_shape(self) -> tuple:
+        return (*self.shape, self.left.shape[2])
+
+    @classmethod
+    def _rank(cls, shape) -> int:
+        return int(shape[3]) if len(shape) >= 4 else 2  # LayerNorm's
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        batch, n = shape[:2]
+        return batch * n * k * (1 + 2 * cls._rank(shape))
+
+    _rapply_cost = _apply_cost
+
+    @classmethod
+    def _matmul_cost(cls, shape, other, other_shape):
+        if issubclass(other, DiagonalJacobian):
+            return DiagonalLowRankJacobian, shape[0] * shape[1] * (1 + cls._rank(shape))
+        return NotImplemented
+
+    _rmatmul_cost = _matmul_cost
+
+    @classmethod
+    def _stored_items(cls, shape):
+        return shape[0] * shape[1] * (1 + 2 * cls._rank(shape))
 
     def _add(self, other):
         if isinstance(other, DiagonalJacobian):
@@ -710,6 +913,28 @@ class CoupledJacobian(Jacobian, abstract=True):
 
     def _scale(self, scalar):
         return CoupledSum((self,), (scalar,))
+
+    # ---- product costs (plan.py) ----------------------------------------------------
+    # A product with a coupled operator is kept as its factors (CoupledProduct): nothing
+    # is multiplied across the batch, but a per-sample operator next to a per-sample end
+    # factor is merged into it by its own rule. The end factor's other side is not in
+    # `shape`, so the merge is costed as `other` applied to `n` (or `m`) columns.
+    @classmethod
+    def _matmul_cost(cls, shape, other, other_shape):
+        if getattr(other, "couples_samples", False):
+            return CoupledProduct, 0
+        return CoupledProduct, other._rapply_cost(other_shape, shape[2])
+
+    @classmethod
+    def _rmatmul_cost(cls, shape, other, other_shape):
+        if getattr(other, "couples_samples", False):
+            return CoupledProduct, 0
+        return CoupledProduct, other._apply_cost(other_shape, shape[1])
+
+    @classmethod
+    def _stored_items(cls, shape):
+        batch, m, n = shape[:3]
+        return batch * (m + n)  # the factors' own arrays, about a batch of rows each side
 
     def to_sparse(self):
         batch, m, n = self.shape
@@ -897,3 +1122,8 @@ class DenseCoupledJacobian(CoupledJacobian):
 
     def _transpose(self):
         return DenseCoupledJacobian(self.data.transpose(2, 3, 0, 1))
+
+    @classmethod
+    def _stored_items(cls, shape):
+        batch, m, n = shape[:3]
+        return batch * m * batch * n

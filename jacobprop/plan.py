@@ -12,7 +12,14 @@ stack through `_apply` / `_rapply`. Each operator class states these costs
 next to its product rules (`_matmul_cost`, `_rmatmul_cost`, `_apply_cost`,
 `_rapply_cost`, `_stored_items`); a class without them is costed as dense
 blocks by the `Jacobian` defaults, an upper bound, so an operator kind the
-model does not know is planned safely instead of failing.
+model does not know is planned safely instead of failing. A class whose cost
+depends on more than its shape (a convolution's kernel, a pool's window, a
+low-rank update's rank) states `_plan_shape()`: its shape followed by those
+sizes, which the plan's cache key then includes. For the predicted peak a
+class may also state `_apply_temporary(shape, k)` / `_rapply_temporary(shape,
+k)` (entries its products allocate besides their result, e.g. im2col columns)
+and `_forward_items(shape)` (what its layer's cache keeps beyond the input);
+all three default to 0.
 """
 
 from __future__ import annotations
@@ -92,13 +99,32 @@ def product_estimate(left, right) -> tuple[type, int, int]:
     if found is not NotImplemented:
         return found[0], int(found[1]), 0
     if issubclass(lcls, GeneralJacobian):
-        return GeneralJacobian, int(rcls._rapply_cost(rshape, lshape[1])), 0
+        return (GeneralJacobian, int(rcls._rapply_cost(rshape, lshape[1])),
+                _temporary(rcls, "_rapply_temporary", rshape, lshape[1]))
     if issubclass(rcls, GeneralJacobian):
-        return GeneralJacobian, int(lcls._apply_cost(lshape, rshape[2])), 0
+        return (GeneralJacobian, int(lcls._apply_cost(lshape, rshape[2])),
+                _temporary(lcls, "_apply_temporary", lshape, rshape[2]))
     rsize, lsize = _dense_items(rshape), _dense_items(lshape)
     if rsize <= lsize:
-        return GeneralJacobian, int(lcls._apply_cost(lshape, rshape[2]) + rsize), rsize
-    return GeneralJacobian, int(rcls._rapply_cost(rshape, lshape[1]) + lsize), lsize
+        return (GeneralJacobian, int(lcls._apply_cost(lshape, rshape[2]) + rsize),
+                rsize + _temporary(lcls, "_apply_temporary", lshape, rshape[2]))
+    return (GeneralJacobian, int(rcls._rapply_cost(rshape, lshape[1]) + lsize),
+            lsize + _temporary(rcls, "_rapply_temporary", rshape, lshape[1]))
+
+
+def _temporary(cls, hook: str, shape, k: int) -> int:
+    """Entries a class's `_apply` / `_rapply` allocates besides its result (0 if unstated).
+
+    Optional class methods `_apply_temporary(shape, k)` / `_rapply_temporary(shape, k)`:
+    a convolution's im2col columns can be larger than the product itself.
+    """
+    own = getattr(cls, hook, None)
+    return int(own(shape, k)) if own is not None else 0
+
+
+def _forward_cache_items(cls, shape) -> int:
+    own = getattr(cls, "_forward_items", None)
+    return int(own(shape)) if own is not None else 0
 
 
 def _dense_items(shape) -> int:
@@ -110,7 +136,19 @@ def _product_shape(left, right):
 
 
 def _items(ops) -> tuple:
-    return tuple((type(op), tuple(op.shape)) for op in ops)
+    return tuple((type(op), _plan_shape(op)) for op in ops)
+
+
+def _plan_shape(op) -> tuple:
+    """`op.shape`, followed by the sizes its class's costs need beyond it (if any).
+
+    A convolution's work per entry depends on its kernel, a pool's on its
+    window, a low-rank update's on its rank: such a class states
+    `_plan_shape()` as `(B, m, n, *sizes)` and reads the extra sizes in its own
+    cost methods. Every other rule reads only the first three entries.
+    """
+    own = getattr(op, "_plan_shape", None)
+    return tuple(own()) if own is not None else tuple(op.shape)
 
 
 def plan_chain(ops: list[Jacobian], order: str = "auto", *,
@@ -156,6 +194,9 @@ def _plan_items(items: tuple, order: str, itemsize: int, forward: bool = False) 
     batch = items[0][1][0]
     if forward:
         stored += batch * (items[0][1][1] + sum(shape[2] for _, shape in items))
+        # What a layer's cache keeps beyond its input (a convolution's im2col columns),
+        # stated by its Jacobian's class as `_forward_items(shape)`.
+        stored += sum(_forward_cache_items(cls, shape) for cls, shape in items)
     return ChainPlan(order, _tree_name(tree, len(items)), tree, flops,
                      (stored + peak) * itemsize, batch, batch)
 

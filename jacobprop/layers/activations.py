@@ -336,6 +336,13 @@ class GELU(Elementwise):
         density = _exp_nonpositive(-0.5 * x * x) * x.dtype.type(_INV_SQRT_2PI)
         return ndtr(x) + x * density
 
+    def _second_derivative(self, cache):
+        # d/dx [Phi + x phi] = phi + phi + x phi' = phi (2 - x^2), since phi' = -x phi.
+        # Beyond |x| = 40, phi is 0 in every float format; the clip keeps x^2 finite.
+        x = np.clip(cache.x, -40, 40)
+        density = _exp_nonpositive(-0.5 * x * x) * x.dtype.type(_INV_SQRT_2PI)
+        return density * (2 - x * x)
+
 
 @register_layer
 class SiLU(Elementwise):
@@ -354,6 +361,13 @@ class SiLU(Elementwise):
         x = cache.x
         s = expit(x)
         return s + x * s * expit(-x)
+
+    def _second_derivative(self, cache):
+        # With s = sigmoid(x), s' = s (1 - s): f'' = s(1-s) (2 + x (1 - 2s)); 1 - s is
+        # sigmoid(-x) and 1 - 2s = sigmoid(-x) - sigmoid(x), both exact for large |x|.
+        x = cache.x
+        s, t = expit(x), expit(-x)
+        return s * t * (2 + x * (t - s))
 
 
 @register_layer
@@ -397,3 +411,8 @@ class ELU(Elementwise):
     def _derivative(self, cache):
         x = cache.x
         return np.where(x > 0, 1, x.dtype.type(self.alpha) * _exp_nonpositive(np.minimum(x, 0)))
+
+    def _second_derivative(self, cache):
+        # 0 for x > 0, alpha exp(x) for x <= 0: the same side of the kink as `_derivative`.
+        x = cache.x
+        return np.where(x > 0, 0, x.dtype.type(self.alpha) * _exp_nonpositive(np.minimum(x, 0)))

@@ -202,3 +202,59 @@ class Conv2D(SpatialLayer):
             ones = np.broadcast_to(np.ones((1, 1), dtype), (1, cache.columns.shape[1]))
             jacobians["b"] = PatchesJacobian(identity, ones, self.out_channels)
         return jacobians
+
+    # ---- hooks of jacobprop.derivatives: per-sample and second-order terms ----
+    def _per_sample_patches(self, cache) -> np.ndarray:
+        """The im2col columns of each sample, `(B, L, C kh kw)` (a view of `cache.columns`)."""
+        batch = cache.x.shape[0]
+        columns = cache.columns
+        return columns.reshape(columns.shape[0], batch, self.geometry.positions).transpose(1, 2, 0)
+
+    def _per_sample_grads(self, cache, g):
+        # Sample i's weight gradient is G_i P_i^T with G_i (O, L) its output covector and
+        # P_i its patches: one batched GEMM over the samples.
+        batch = g.shape[0]
+        rows = g.reshape(batch, self.out_channels, self.geometry.positions)
+        grads = {"W": np.matmul(rows, self._per_sample_patches(cache))
+                 .reshape(batch, *self.params["W"].shape)}
+        if self.bias:
+            grads["b"] = np.add.reduce(rows, axis=2)
+        return grads
+
+    def _per_sample_sq_norms(self, cache, g):
+        # ||G_i P_i^T||_F^2, either from the (O, K) rows themselves or, when the positions
+        # are few, as <G_i^T G_i, P_i^T P_i> over (L, L) Grams (the "ghost norm" trick).
+        batch = g.shape[0]
+        positions, kernel = self.geometry.positions, cache.columns.shape[0]
+        rows = g.reshape(batch, self.out_channels, positions)
+        patches = self._per_sample_patches(cache)  # (B, L, K)
+        if positions * (self.out_channels + kernel) < self.out_channels * kernel:
+            left = np.matmul(rows.transpose(0, 2, 1), rows)  # (B, L, L)
+            right = np.matmul(patches, patches.transpose(0, 2, 1))
+            total = np.einsum("bij,bij->b", left, right)
+        else:
+            weights = np.matmul(rows, patches)  # (B, O, K)
+            total = np.einsum("bok,bok->b", weights, weights)
+        if self.bias:
+            sums = np.add.reduce(rows, axis=2)
+            total += np.einsum("bo,bo->b", sums, sums)
+        return total
+
+    def _param_jvp(self, cache, tangents):
+        # y moves by the correlation of x with dW, plus db: one GEMM on the cached columns.
+        rows = tangents["W"].reshape(self.out_channels, -1) @ cache.columns
+        if self.bias:
+            rows += tangents["b"][:, None]
+        return from_channel_rows(rows, cache.x.shape[0], self.geometry.positions)
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        # The vjp is bilinear in (W, x) as Dense's: gx = conv_W^T g, dL/dW = G P(x)^T. With g
+        # fixed its derivative is conv_dW^T g for the input and G P(v)^T for W; the bias
+        # gradient sum G does not move.
+        gx = None
+        if need_input:
+            gx = self.geometry.transposed_conv(tangents["W"].reshape(self.out_channels, -1), g)
+        if v is None:
+            return gx, {}
+        rows = channel_rows(g, self.out_channels)
+        return gx, {"W": (rows @ self.geometry.columns(v).T).reshape(self.params["W"].shape)}

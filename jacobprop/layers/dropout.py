@@ -94,3 +94,6 @@ class Dropout(Layer):
         if cache.mask is None:
             return IdentityJacobian(x.shape[0], x.shape[1], x.dtype)
         return DiagonalJacobian(cache.mask)
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        return None, {}  # linear given the cached mask

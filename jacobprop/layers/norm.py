@@ -87,6 +87,71 @@ class _Norm(Layer):
         """`gamma` (or ones) as `(k,)`."""
         return self.params["gamma"] if self.affine else np.ones(self.features, dtype)
 
+    # ---- hooks of jacobprop.derivatives: per-sample and second-order terms ----
+    # Per sample, y = gamma * xh + beta whatever the statistics: the parameter rows are
+    # g * xh and g. Only for BatchNorm in train mode do samples meet, and every per-sample
+    # path refuses that mode before it calls these.
+    def _input_vjp(self, cache, g):
+        # The vjp's closed form (two reductions for gamma and beta come with it); the
+        # default would build the structured Jacobian first.
+        return self._call_vjp(cache, g, True)[0]
+
+    def _per_sample_grads(self, cache, g):
+        if not self.affine:
+            return {}
+        return {"gamma": g * cache.normalized, "beta": g.copy()}
+
+    def _per_sample_sq_norms(self, cache, g):
+        if not self.affine:
+            return None
+        scaled = g * cache.normalized
+        return np.einsum("bk,bk->b", scaled, scaled) + np.einsum("bk,bk->b", g, g)
+
+    def _param_jvp(self, cache, tangents):
+        if not self.affine:
+            return None
+        return cache.normalized * tangents["gamma"] + tangents["beta"]
+
+    def _statistics_second_vjp(self, cache, g, v, tangents, need_input, axis):
+        """`_second_vjp` of `y = gamma xh + beta` with `xh` normalized along `axis`.
+
+        With `r = 1/sqrt(var + eps)`, `s = g gamma` and means along `axis` (over
+        the features for LayerNorm, the batch for BatchNorm in train mode):
+
+            gx = r (s - mean(s) - xh mean(s xh)),
+            dxh = r (v - mean(v) - xh a),   a = mean(xh v),   dr = -r^2 a,
+
+        so along `v` and `dgamma` (`ds = g dgamma`)
+
+            d gx = -r a gx + r (ds - mean(ds) - dxh mean(s xh) - xh mean(ds xh + s dxh))
+
+        and `d(dL/dgamma) = sum_i g dxh`; `dL/dbeta = sum_i g` does not move.
+        """
+        xh, r = cache.normalized, cache.inv_std
+        count = max(xh.shape[axis], 1)
+
+        def mean(values):
+            return np.add.reduce(values, axis=axis, keepdims=True) / count
+
+        dgamma = tangents.get("gamma") if self.affine else None
+        dxh = None
+        if v is not None:
+            a = mean(xh * v)
+            dxh = r * (v - mean(v) - xh * a)
+        own = {} if dxh is None or not self.affine else {"gamma": np.add.reduce(g * dxh, axis=0)}
+        if not need_input or (dxh is None and dgamma is None):
+            return None, own
+        s = g * self._scale(g.dtype)
+        correlation = mean(s * xh)
+        gx2 = np.zeros_like(g)
+        if dxh is not None:
+            gx = r * (s - mean(s) - xh * correlation)
+            gx2 -= r * a * gx + r * (dxh * correlation + xh * mean(s * dxh))
+        if dgamma is not None:
+            ds = g * dgamma
+            gx2 += r * (ds - mean(ds) - xh * mean(ds * xh))
+        return gx2, own
+
 
 @register_layer
 class LayerNorm(_Norm):
@@ -147,6 +212,9 @@ class LayerNorm(_Norm):
         basis = np.stack([np.ones_like(xh), xh], axis=2)  # (B, k, 2)
         return DiagonalLowRankJacobian(diagonal, -(diagonal / self.features)[:, :, None] * basis,
                                        basis)
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        return self._statistics_second_vjp(cache, g, v, tangents, need_input, axis=1)
 
 
 @register_layer
@@ -282,3 +350,17 @@ class BatchNorm(_Norm):
         if cache.mean is None:
             return DiagonalJacobian(np.broadcast_to(scale, cache.x.shape))
         return BatchNormJacobian(scale, cache.normalized)
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        if cache.mean is not None:
+            # Train mode: the batch statistics move with every sample, the same second
+            # derivative as LayerNorm's with the batch in place of the features.
+            return self._statistics_second_vjp(cache, g, v, tangents, need_input, axis=0)
+        # Eval mode is affine in x: y = gamma (x - running_mean) r + beta, r fixed. The vjp
+        # g gamma r (input) and sum_i g xh (gamma) move only through dgamma and v.
+        r = cache.inv_std
+        own = {}
+        if v is not None and self.affine:
+            own["gamma"] = np.add.reduce(g * v * r, axis=0)
+        gx = g * tangents["gamma"] * r if need_input and self.affine else None
+        return gx, own

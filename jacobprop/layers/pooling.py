@@ -147,6 +147,9 @@ class MaxPool2D(_Pool2D):
     def _jvp(self, cache, v):
         return np.take_along_axis(v, cache.indices, axis=1)
 
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        return None, {}  # linear given the cached winners (a tie is a kink)
+
 
 @register_layer
 class AvgPool2D(_Pool2D):
@@ -179,6 +182,9 @@ class AvgPool2D(_Pool2D):
 
     def _jvp(self, cache, v):
         return self._jacobian(cache)._jvp(v)
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        return None, {}  # linear
 
 
 @register_layer
@@ -213,3 +219,6 @@ class Flatten(Layer):
     def _jacobian(self, cache):
         x = cache.x
         return IdentityJacobian(x.shape[0], x.shape[1], x.dtype)
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        return None, {}  # linear
