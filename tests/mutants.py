@@ -247,6 +247,29 @@ class PerSampleCentering(Centering):
         return DiagonalJacobian(np.full(cache.x.shape, 1.0 - 1.0 / batch, cache.x.dtype))
 
 
+class LastEntryMaxPool(jp.MaxPool2D):
+    """Routes each window's derivative to its last entry (bottom right) instead of its
+    maximum: right only where that entry is the maximum (J, vjp, jvp)."""
+
+    def _forward(self, x):
+        y, cache = super()._forward(x)
+        last = self._windows_checked()[:, -1]
+        return y, cache._replace(indices=np.broadcast_to(last, cache.indices.shape).copy())
+
+
+class NeighbourMaxPool(jp.MaxPool2D):
+    """The winner's index is off by one inside the window (the next entry in C-order,
+    wrapping around): wrong indices everywhere (J, vjp, jvp)."""
+
+    def _forward(self, x):
+        y, cache = super()._forward(x)
+        windows = self._windows_checked()
+        position = np.argmax(windows[None] == cache.indices[:, :, None], axis=2)
+        shifted = np.take_along_axis(windows[None], ((position + 1) % windows.shape[1])[..., None],
+                                     axis=2)[..., 0]
+        return y, cache._replace(indices=shifted)
+
+
 #: mutant class -> (where the bug is, check_layer entries that must fail)
 EXPECTED = {
     SignFlipTanh: ("derivative", {"dy/dx"}),
@@ -265,6 +288,8 @@ EXPECTED = {
     PublicWrongJacobianTanh: ("jacobian", {"dy/dx", "vjp dx", "jvp"}),
     PublicWrongParamJacobiansDense: ("jacobian", {"dy/dW", "vjp dW"}),
     PerSampleCentering: ("derivative", {"dy/dx"}),
+    LastEntryMaxPool: ("derivative", {"dy/dx"}),
+    NeighbourMaxPool: ("derivative", {"dy/dx"}),
 }
 
 
@@ -277,7 +302,8 @@ def network_with(mutant_cls, *, rng: np.random.Generator):
     if issubclass(mutant_cls, jp.Dense):
         layers = [mutant_cls(4, 6, rng=rng), jp.Tanh(), jp.Dense(6, 3, rng=rng)]
         return jp.Sequential(*layers), 0, 4
-    layers = [jp.Dense(4, 6, rng=rng), mutant_cls(), jp.Dense(6, 3, rng=rng)]
+    layer, width = mutant_layer(mutant_cls, rng=rng)
+    layers = [jp.Dense(4, width, rng=rng), layer, jp.Dense(layer.output_dim(width), 3, rng=rng)]
     return jp.Sequential(*layers), 1, 4
 
 
@@ -285,6 +311,8 @@ def mutant_layer(mutant_cls, *, rng: np.random.Generator):
     """The mutant alone (non-square when it is a Dense) and its input width."""
     if issubclass(mutant_cls, jp.Dense):
         return mutant_cls(4, 6, rng=rng), 4
+    if issubclass(mutant_cls, jp.MaxPool2D):
+        return mutant_cls(2, input_shape=(2, 2, 4)), 16
     return mutant_cls(), 6
 
 
@@ -296,7 +324,8 @@ def registered_example(layer_name: str, width: int, batch: int, *, rng: np.rando
     `at_kinks` puts a whole sample (the first) on the first kink, and every other
     feature of every other sample after it on each kink in turn, so that entries
     at a kink sit beside entries that are not, in the same sample and the same
-    feature. Equal to `x` for a layer without kinks.
+    feature; for a layer whose kinks are ties (MaxPool2D) the same entries are
+    all 0, tied with each other. Equal to `x` for a layer without kinks.
     """
     cls = jp.LAYERS[layer_name]
     layer = checkable(cls.example(width, rng=rng))
@@ -304,6 +333,9 @@ def registered_example(layer_name: str, width: int, batch: int, *, rng: np.rando
     at_kinks = x.copy()
     if cls.kinks:
         at_kinks[0] = cls.kinks[0]
+    elif cls.tie_kinks:
+        at_kinks[0] = 0.0  # every window of the sample tied (MaxPool2D)
+        at_kinks[1::2, ::2] = 0.0
     for k, kink in enumerate(cls.kinks):
         at_kinks[1 + k::2, ::2] = kink
     return layer, x, at_kinks

@@ -643,6 +643,42 @@ def test_default_tolerances_follow_the_step():
     assert default_rtol(True) == pytest.approx(1e5 * eps ** (4 / 5))
 
 
+def test_max_pool_ties_are_kinks_and_wrong_routes_are_still_caught():
+    """A tie in a window is a kink in the difference of two inputs: any slope between the
+    one-sided ones is right there, for every checker; a MaxPool routing its derivative to
+    the wrong entry of an untied window is caught at the same tied inputs."""
+    from mutants import LastEntryMaxPool, NeighbourMaxPool
+
+    from jacobprop.testing import assert_layer_correct
+
+    rng = np.random.default_rng(40)
+    x = rng.standard_normal((3, 16))
+    x[0] = 0.0  # every window of sample 0 tied four ways
+    x[1, ::2] = 0.5  # pairs tied in sample 1, beside untied entries
+    pool = jp.MaxPool2D(2, input_shape=(2, 2, 4))
+    for kwargs in ({}, {"fast": True}, {"richardson": True}):
+        report = jp.check_layer(pool, x, rng=rng, **kwargs)
+        assert report.ok and report.kink_accepted > 0, str(report)
+    assert_layer_correct(pool, x, rng=rng)
+    dense = jp.Dense(3, 16, rng=rng)
+    dense.params["b"][:] = 0.0
+    net = jp.Sequential(dense, pool, jp.Tanh(), jp.Dense(4, 2, rng=rng))
+    x_net, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    x_net[0] = 0.0  # the whole first sample's windows tied, moved by every input
+    for kwargs in ({}, {"fast": True}, {"mode": "jacobian"}):
+        report = jp.gradcheck(net, x_net, t, jp.MSE(), rng=rng, **kwargs)
+        assert report.ok, str(report)
+    assert report.kink_accepted > 0
+    assert jp.taylor_test(net, x_net, t, jp.MSE(), rng=rng).ok
+    for mutant in (LastEntryMaxPool, NeighbourMaxPool):
+        wrong = mutant(2, input_shape=(2, 2, 4))
+        report = jp.check_layer(wrong, x, rng=rng)
+        assert {entry.name for entry in report.failures} == {"dy/dx"}, str(report)
+        net_wrong = jp.Sequential(dense, wrong, jp.Tanh(), jp.Dense(4, 2, rng=rng))
+        report = jp.gradcheck(net_wrong, x_net, t, jp.MSE(), rng=rng)
+        assert not report.ok and f"layer 1 ({mutant.__name__})" in report.culprit
+
+
 # ---- no false alarms: wide magnitudes, exact kinks, saturation (issue 7) -------------------
 REGRESSION_SETS = ("logits N(0, 6^2)", "logits N(0, 30^2)", "exact kinks", "saturated")
 

@@ -36,9 +36,12 @@ rule), `layercheck` (`check_layer`, `dottest`), `netcheck` (`gradcheck`),
 The kink rule
 -------------
 A layer declares in `kinks` the input values where its derivative jumps (ReLU,
-LeakyReLU: `(0.0,)`); a loss declares, the same way, the values of the residual
-`y - t` where its derivative jumps (RMSE: `(0.0,)`, where
-`L` is a norm at its minimum). Where the derivative jumps, any value between
+LeakyReLU: `(0.0,)`), or, when its kinks are not input values, overrides the one
+hook every checker reads, `Layer._kink_crossed(z, z0)` (MaxPool2D: a tie between
+two entries of a window is a kink in their difference, and any slope between the
+one-sided ones is accepted there, as for ReLU); a loss declares, the same way,
+the values of the residual `y - t` where its derivative jumps (RMSE: `(0.0,)`,
+where `L` is a norm at its minimum). Where the derivative jumps, any value between
 the one-sided slopes is a correct derivative, and finite differences that
 straddle the jump mean nothing. So an entry that fails the central-difference
 test is *accepted at a kink* when, and only when,

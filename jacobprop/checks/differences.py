@@ -13,7 +13,6 @@ from ..errors import ShapeError, check_batch_matrix
 from ..layers.base import Layer
 from ..losses import Loss
 from ..network import Sequential
-from .kinks import _crossed
 from .tolerance import _CHUNK, CENTRAL_STEP, RICHARDSON_STEP, _as_float64, _check_tolerance
 
 
@@ -58,7 +57,9 @@ class _Evaluator:
         for leaf in leaves:
             acts.append(leaf.work._call_forward(acts[-1])[0])
         self.acts = acts  # acts[l] is the input of leaf l, acts[-1] the output
-        self.kinks = [tuple(float(k) for k in type(leaf.work).kinks) for leaf in leaves]
+        # Whose derivative jumps somewhere (at input values or at ties): the layer's hook
+        # `_kink_crossed` says which of its inputs a perturbed pass moved onto a kink.
+        self.kinked = [bool(leaf.work.has_kinks) for leaf in leaves]
         # A layer whose samples interact must see each perturbed batch on its own.
         self.coupled = [bool(leaf.work.couples_samples) for leaf in leaves]
         width = max(a.shape[1] for a in acts)
@@ -74,11 +75,15 @@ class _Evaluator:
         reach = np.zeros(rows.shape[:2], dtype=bool)
         flat = rows.reshape(groups * self.batch, -1)
         for index in range(start, len(self.leaves)):
-            if self.kinks[index]:
+            if self.kinked[index]:
                 z = flat.reshape(groups, self.batch, -1)
-                reach |= _crossed(z, self.acts[index], self.kinks[index]).any(axis=2)
+                reach |= self.crossed(index, z, self.acts[index]).any(axis=2)
             flat = self.forward(index, flat, groups)
         return flat.reshape(groups, self.batch, -1), reach
+
+    def crossed(self, index: int, z: np.ndarray, z0: np.ndarray) -> np.ndarray:
+        """Leaf `index`'s kink hook: the entries of `z` that moved from `z0` onto a kink."""
+        return np.asarray(self.leaves[index].work._kink_crossed(z, z0), dtype=bool)
 
     def forward(self, index: int, flat: np.ndarray, groups: int) -> np.ndarray:
         """Leaf `index` on `groups` stacked batches `(groups * B, w)`."""
@@ -116,10 +121,9 @@ class _Evaluator:
     def first_crossing(self, start: int, plus: np.ndarray, minus: np.ndarray):
         """`(l, z+, z-, crossed)` at the first kinked leaf that either pass reaches, or None."""
         for index in range(start, len(self.leaves)):
-            kinks = self.kinks[index]
-            if kinks:
+            if self.kinked[index]:
                 base = self.acts[index]
-                crossed = _crossed(np.stack([plus, minus]), base, kinks).any(axis=0)
+                crossed = self.crossed(index, np.stack([plus, minus]), base).any(axis=0)
                 if crossed.any():
                     return index, plus, minus, crossed
             work = self.leaves[index].work
@@ -151,12 +155,12 @@ class _Evaluator:
         rows, delta = change
         base = self.acts[after][:, rows].T  # (G, B): the unperturbed column of each group
         moved = base + delta
-        reach = _crossed(moved, base, self.kinks[after])
+        reach = self.crossed(after, moved, base)
         activated = self.leaves[after].work._call_forward(moved.reshape(-1, 1))[0]
         activated = activated.reshape(groups, self.batch)
         following = after + 1
         columns = None
-        if following < len(self.leaves) and not self.kinks[following]:
+        if following < len(self.leaves) and not self.kinked[following]:
             columns = self.leaves[following].work._affine_input_columns(rows)
         if columns is not None:
             # Column j of its input moved by c, so its output moves by c M[:, j]: no pass.

@@ -243,6 +243,72 @@ class Layer:
     def _jacobian(self, cache) -> Jacobian:
         raise NotImplementedError(f"{type(self).__name__} must implement _jacobian")
 
+    # ---- the kink rule's hooks (jacobprop.checks.kinks, jacobprop.testing) ------
+    @property
+    def has_kinks(self) -> bool:
+        """Whether the derivative jumps somewhere: at input values (`kinks`) or at ties."""
+        return bool(self.kinks) or self.tie_kinks
+
+    def _kink_crossed(self, z: np.ndarray, z0: np.ndarray) -> np.ndarray:
+        """Mask, shaped like `z` `(..., w)`, of the entries that moved from `z0` onto or
+        across a kink: the one test every checker applies to this layer's input.
+
+        This default reads `kinks`: entry j crossed when `(z_j - k)` and `(z0_j - k)`
+        differ in sign or the first is 0, and `z_j != z0_j`. A layer whose kinks
+        are not input values (MaxPool2D's ties) overrides it.
+        """
+        return _crossed_values(z, z0, self.kinks)
+
+    def _kink_rates(self, z0: np.ndarray, zp: np.ndarray, zm: np.ndarray, crossed, h: float):
+        """Bounds on the rates of the outputs a kink makes ambiguous, for the kink rule.
+
+        Parameters
+        ----------
+        z0, zp, zm : ndarray `(B, w)`
+            The input at `t = 0`, `+h` and `-h` along a perturbation.
+        crossed : ndarray `(B, w)` bool
+            `_kink_crossed` of `zp` or `zm` against `z0`.
+        h : float
+
+        Returns
+        -------
+        None or (kinked, lo, hi, evaluations)
+            `kinked` `(B, m)` marks the outputs whose derivative along `t` depends
+            on the convention at a kink; `lo`, `hi` `(count,)` bound `da_o/dt`
+            for them in `np.argwhere(kinked)` order over every convention and
+            both sides of `t = 0`; `evaluations` counts the forward rows spent.
+            This default serves an elementwise layer (the rate `dz_c/dt` on
+            either side times the activation's one-sided slopes at `z_c`,
+            measured over the perturbation's reach); None (no split) otherwise.
+        """
+        if not self.elementwise:
+            return None
+        elements = np.argwhere(crossed)
+        count = len(elements)
+        sample, feature = elements.T
+        pick = np.arange(count)
+        rates = np.stack([(zp - z0)[sample, feature] / h, -(zm - z0)[sample, feature] / h])
+        reach = np.maximum(np.abs(zp - z0), np.abs(zm - z0))[sample, feature]
+        rows = np.repeat(z0[None], 2 * count, axis=0)
+        rows[pick, sample, feature] += reach
+        rows[count + pick, sample, feature] -= reach
+        batch = z0.shape[0]
+        out = self._call_forward(rows.reshape(2 * count * batch, -1))[0]
+        out = out.reshape(2 * count, batch, -1)
+        base = self._call_forward(z0)[0][sample, feature]
+        slopes = np.stack([(out[pick, sample, feature] - base) / reach,
+                           (base - out[count + pick, sample, feature]) / reach])
+        products = np.stack([r * s for r in rates for s in slopes])
+        return crossed, products.min(axis=0), products.max(axis=0), 2 * count + 1
+
+    def _kink_distance(self, z: np.ndarray) -> np.ndarray:
+        """`(B, w)`: how far each input entry may move (the others held) before it can
+        reach a kink; inf where it cannot. The strategies keep it above `margin * gain`."""
+        z = np.asarray(z, dtype=np.float64)
+        if not self.kinks:
+            return np.full(z.shape, np.inf)
+        return np.abs(z[..., None] - np.asarray(self.kinks, dtype=np.float64)).min(axis=-1)
+
     # ---- hooks for cheap finite differences -------------------------------------
     def _affine_param_change(self, x: np.ndarray, name: str, coords: np.ndarray,
                              steps: np.ndarray):
@@ -382,6 +448,15 @@ class Layer:
         return check_batch_matrix(
             g, where=self._where, name="g", features=expected[1], batch=expected[0]
         )
+
+
+def _crossed_values(z: np.ndarray, z0: np.ndarray, kinks) -> np.ndarray:
+    """`Layer._kink_crossed` for kinks at input values: `z` `(..., w)` against `z0`."""
+    hit = np.zeros(np.shape(z), dtype=bool)
+    for kink in kinks:
+        # sign(z - k) sign(z0 - k) <= 0, without taking the sign of the large array.
+        hit |= (z - kink) * np.sign(z0 - kink) <= 0
+    return hit & (z != z0)
 
 
 def _first_forward(self, x):

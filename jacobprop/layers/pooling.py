@@ -119,6 +119,70 @@ class MaxPool2D(_Pool2D):
             return np.full(values.shape[:2], np.inf)
         return values[:, :, -1] - values[:, :, -2]
 
+    def _tie_crossings(self, z, z0):
+        """`(crossed, winner)`: `crossed` `(..., B, m, K)` marks entry k of window j when
+        `x_w - x_k` (w the window's first maximum at `z0`, `winner` `(B, m, 1)`) is 0 at
+        `z0` or changed sign, and either entry moved; never the winner itself."""
+        windows = self._windows_checked()
+        values, base = z[..., windows], z0[:, windows]  # (..., B, m, K), (B, m, K)
+        winner = np.argmax(base, axis=2)[..., None]  # the first maximum, as the forward's
+        top = np.take_along_axis(values, np.broadcast_to(winner, values.shape[:-1] + (1,)),
+                                 axis=-1)
+        top0 = np.take_along_axis(base, winner, axis=2)
+        moved = (values != base) | (top != top0)
+        crossed = ((top - values) * np.sign(top0 - base) <= 0) & moved
+        crossed &= np.arange(windows.shape[1]) != winner
+        return crossed, winner
+
+    def _kink_crossed(self, z, z0):
+        """A tie is a kink in the difference of two inputs: see `_tie_crossings`; both
+        entries of a crossed pair are marked. `z` `(..., B, n)`, `z0` `(B, n)`."""
+        windows = self._windows_checked()
+        hit = np.zeros(np.shape(z), dtype=bool)
+        if windows.shape[1] < 2:
+            return hit
+        crossed, winner = self._tie_crossings(z, z0)
+        tied = crossed.any(axis=-1)
+        for k in range(windows.shape[1]):
+            # For one offset k the windows hold distinct entries: no index repeats.
+            hit[..., windows[:, k]] |= crossed[..., k] | (tied & (winner[..., 0] == k))
+        return hit
+
+    def _kink_rates(self, z0, zp, zm, crossed, h):
+        """A window whose maximum ties (or changes hands) within the step: `dy_j/dt` is the
+        rate of one of its tied entries, whichever the convention; bounded by the least
+        and largest of their rates on both sides of `t = 0`."""
+        windows = self._windows_checked()
+        if windows.shape[1] < 2:
+            return None
+        pairs, winner = self._tie_crossings(np.stack([zp, zm]), z0)
+        pairs = pairs.any(axis=0)  # (B, m, K)
+        candidates = pairs | (np.arange(windows.shape[1]) == winner)
+        kinked = pairs.any(axis=2)
+        rates = np.stack([(zp - z0)[:, windows] / h, -(zm - z0)[:, windows] / h])
+        lo = np.where(candidates, rates, np.inf).min(axis=(0, 3))
+        hi = np.where(candidates, rates, -np.inf).max(axis=(0, 3))
+        return kinked, lo[kinked], hi[kinked], 0
+
+    def _kink_distance(self, z):
+        """`(B, n)`: half the distance of each entry below its window's maximum (half the
+        gap to the runner-up for the maximum itself), since both ends of a tie move;
+        the least over the windows holding it, inf for an entry in none."""
+        z = np.asarray(z, dtype=np.float64)
+        windows = self._windows_checked()
+        distance = np.full(z.shape, np.inf)
+        if windows.shape[1] < 2:
+            return distance
+        values = z[:, windows]
+        top = values.max(axis=2, keepdims=True)
+        below = top - values
+        gaps = self.tie_gaps(z)[:, :, None]
+        half = 0.5 * np.where(below == 0, gaps, below)
+        for k in range(windows.shape[1]):
+            cols = windows[:, k]
+            distance[:, cols] = np.minimum(distance[:, cols], half[:, :, k])
+        return distance
+
     def _forward(self, x):
         windows = self._windows_checked()
         batch = x.shape[0]

@@ -7,8 +7,9 @@ drift from the registries: a newly registered layer is drawn the moment it is
 registered.
 
 Inputs keep clear of the places where finite differences mean nothing: every
-input to a layer with `kinks` is far enough from each kink that no input or
-parameter moved by less than `margin` carries it across (its distance is at
+input to a layer with kinks (`kinks`, or MaxPool2D's ties, measured by the layer's
+`_kink_distance`) is far enough from each kink that no input or parameter moved
+by less than `margin` carries it across (its distance is at
 least `margin` times its largest derivative in the inputs and parameters, the
 "gain"; the first layer's entries simply keep `margin`), and every input to a
 layer with a `saturation` lies within `|z| <= saturation`. For a network this
@@ -97,9 +98,11 @@ def kink_distances(layer: Layer, x: np.ndarray) -> list[LayerInputs]:
     Returns
     -------
     list of LayerInputs
-        One entry per leaf layer with `kinks` or `saturation`, in running
-        order: its input `z` `(B, w)`, `distance = min_k |z - kink_k|` (inf
-        for a layer without kinks) and the `gain` of every entry.
+        One entry per leaf layer with kinks (`Layer.has_kinks`) or a
+        `saturation`, in running order: its input `z` `(B, w)`, the layer's
+        `_kink_distance(z)` (`min_k |z - kink_k|` for value kinks; for
+        MaxPool2D's ties half the distance below the window's maximum; inf
+        without kinks) and the `gain` of every entry.
 
     Notes
     -----
@@ -114,13 +117,9 @@ def kink_distances(layer: Layer, x: np.ndarray) -> list[LayerInputs]:
     found = []
     z = np.asarray(x)
     for position, leaf in enumerate(leaves):
-        cls = type(leaf)
-        if cls.kinks or cls.saturation is not None:
-            if cls.kinks:
-                kinks = np.asarray(cls.kinks, dtype=np.float64)
-                distance = np.abs(z[:, :, None] - kinks).min(axis=2)
-            else:
-                distance = np.full(z.shape, np.inf)
+        if leaf.has_kinks or type(leaf).saturation is not None:
+            # The layer's own hook: value kinks, or MaxPool2D's ties (half the gap).
+            distance = leaf._kink_distance(z)
             gain = np.ones(z.shape) if position == 0 else _gains(leaves[:position], x)
             found.append(LayerInputs(position, leaf, z, distance, gain))
         z = leaf._call_forward(leaf._check_input(z))[0]
@@ -157,7 +156,8 @@ def input_problems(layer: Layer, x: np.ndarray, margin: float = DEFAULT_MARGIN) 
         near = _first_flagged(item, item.distance < margin * item.gain)
         if near is not None:
             where, gain = near
-            problems.append(f"{where} is within {margin} * gain {gain:.3g} of a kink {cls.kinks}")
+            kinks = cls.kinks if cls.kinks else "(a tie in its window)"
+            problems.append(f"{where} is within {margin} * gain {gain:.3g} of a kink {kinks}")
         if cls.saturation is not None:
             beyond = _first_flagged(item, item.live & (np.abs(item.z) > cls.saturation))
             if beyond is not None:
