@@ -679,6 +679,41 @@ def test_max_pool_ties_are_kinks_and_wrong_routes_are_still_caught():
         assert not report.ok and f"layer 1 ({mutant.__name__})" in report.culprit
 
 
+class OnePercentVjpBatchNorm(jp.BatchNorm):
+    """Train-mode BatchNorm whose vjp's dL/dx is 1% too large (its Jacobian is right)."""
+
+    def _vjp(self, cache, g, need_input):
+        gx, grads = super()._vjp(cache, g, need_input)
+        return (None if gx is None else 1.01 * gx), grads
+
+
+@pytest.mark.parametrize("mode", ["vjp", "jacobian"])
+def test_every_checker_works_through_a_train_mode_batchnorm(mode):
+    """The explicit mode's dL/dx through a coupled operator is the summed vjp of the
+    covector (B, 1, B, n), not its first row; check_layer sums a coupled chain's dy/dp
+    over the second batch axis; the culprit is found among coupled layers too."""
+    from mutants_layers import PerSampleBatchNorm
+
+    rng = np.random.default_rng(41)
+    net = jp.Sequential(jp.Dense(3, 4, rng=rng), jp.BatchNorm(4), jp.Tanh(),
+                        jp.Dense(4, 2, rng=rng))
+    net[1].params["gamma"][:] = rng.uniform(0.5, 1.5, 4)
+    x, t = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    for kwargs in ({}, {"fast": True}):
+        report = jp.gradcheck(net, x, t, jp.MSE(), rng=rng, mode=mode, **kwargs)
+        assert report.ok and report["x"].size == x.size, str(report)
+    report = jp.check_layer(net, x, rng=rng)
+    assert report.ok and "samples coupled" in report.title, str(report)
+    assert jp.taylor_test(net, x, t, jp.MSE(), rng=rng).ok
+    for wrong, caught in ((PerSampleBatchNorm(4), True), (OnePercentVjpBatchNorm(4),
+                                                          mode == "vjp")):
+        bad = jp.Sequential(net[0], wrong, net[2], net[3])
+        report = jp.gradcheck(bad, x, t, jp.MSE(), rng=rng, mode=mode)
+        assert report.ok is not caught, str(report)
+        if caught:
+            assert f"layer 1 ({type(wrong).__name__})" in report.culprit
+
+
 # ---- no false alarms: wide magnitudes, exact kinks, saturation (issue 7) -------------------
 REGRESSION_SETS = ("logits N(0, 6^2)", "logits N(0, 30^2)", "exact kinks", "saturated")
 

@@ -60,7 +60,10 @@ def _analytic(where, seq: Sequential, x, t, loss: Loss, mode: str):
         gx, grads = seq._call_vjp(cache, g, True)
     else:
         _, grads = seq.value_and_grad(x, t, loss, mode="jacobian")
-        gx = (loss.jacobian(y, t) @ seq._call_jacobian(cache)).to_dense()[:, 0, :]
+        # dL/dx_c = sum_i (dL/dy_i) (dy_i/dx_c): the summed vjp of a unit covector, which
+        # reads (B, 1, n) blocks and a coupled (B, 1, B, n) operator alike.
+        covector = loss.jacobian(y, t) @ seq._call_jacobian(cache)
+        gx = covector._call_vjp(np.ones((y.shape[0], 1), dtype=covector.dtype))
     _check_gradient_shapes(where, f"the {mode} backward of {type(seq).__name__}", grads,
                            seq.params)
     analytic = dict(grads)
