@@ -145,6 +145,15 @@ class Layer:
         if arrays:
             raise ValueError(f"{self._where}: keeps no state arrays, got {sorted(arrays)}")
 
+    def sublayers(self) -> tuple[Layer, ...]:
+        """The layers this one is built from, in running order (`()` for a leaf).
+
+        `Sequential` gives its layers, `Residual` its block; a custom composite
+        overrides it so that `Sequential.train()`/`.eval()` and the testing kit
+        (`jacobprop.testing.checkable`) reach every layer inside it.
+        """
+        return ()
+
     def update_state(self, cache) -> None:
         """Write state that a train-mode forward computed into its cache (BatchNorm's
         running statistics). The forward pass never mutates a layer; only the

@@ -138,6 +138,9 @@ class Residual(Layer):
     def dtype(self):
         return self.block.dtype
 
+    def sublayers(self):
+        return (self.block,)
+
     def update_state(self, cache) -> None:
         self.block.update_state(cache.block)
 

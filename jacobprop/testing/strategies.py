@@ -38,6 +38,7 @@ __all__ = [
     "LayerInputs",
     "flatten_layers",
     "checkable",
+    "per_sample",
     "kink_distances",
     "input_problems",
     "draw_input",
@@ -263,7 +264,7 @@ def _chosen(where: str, registry: dict, names) -> list[str]:
 
 @st.composite
 def layers(draw, input_dim: int | None = None, *, names=None, dtype=np.float64,
-           max_dim: int = 5) -> Layer:
+           max_dim: int = 5, coupled: bool = False) -> Layer:
     """A registered layer built with `Layer.example` (stochastic ones in eval mode).
 
     Parameters
@@ -276,29 +277,53 @@ def layers(draw, input_dim: int | None = None, *, names=None, dtype=np.float64,
         read at every draw, so a layer registered later is drawn too).
     dtype : floating dtype
     max_dim : int
+    coupled : bool
+        Keep layers that couple samples (train-mode BatchNorm) as their example
+        builds them; by default they are switched to eval mode (`per_sample`), so
+        every drawn layer has block-diagonal Jacobians, as most properties assume.
     """
     name = draw(st.sampled_from(_chosen("layers", LAYERS, names)))
     width = input_dim if input_dim is not None else draw(st.integers(1, max_dim))
     rng = np.random.default_rng(draw(seeds()))
-    return checkable(LAYERS[name].example(width, rng=rng, dtype=dtype))
+    layer = checkable(LAYERS[name].example(width, rng=rng, dtype=dtype))
+    return layer if coupled else per_sample(layer)
+
+
+def _walk(layer: Layer):
+    """`layer` and every layer inside it, through `Layer.sublayers()`."""
+    yield layer
+    for inner in layer.sublayers():
+        yield from _walk(inner)
 
 
 def checkable(layer: Layer) -> Layer:
-    """`layer`, switched to eval mode when its forward pass draws random numbers.
+    """`layer`, with every stochastic layer in it switched to eval mode.
 
     The checkers refuse a stochastic layer (a new mask per evaluation makes
     every difference quotient meaningless); in eval mode Dropout is the
     identity and checkable. Every layer the strategies draw goes through this.
+    It reaches inside every composite (`Layer.sublayers()`: nested stacks,
+    Residual blocks) and switches only the leaves that draw random numbers,
+    so a train-mode BatchNorm beside a Dropout stays in train mode.
     """
-    for leaf in flatten_layers(layer):
-        if leaf.stochastic:
-            leaf.training = False
+    for inner in _walk(layer):
+        if not inner.sublayers() and inner.stochastic:
+            inner.training = False
+    return layer
+
+
+def per_sample(layer: Layer) -> Layer:
+    """`layer`, with every leaf that couples samples (train-mode BatchNorm) in eval mode."""
+    for inner in _walk(layer):
+        if not inner.sublayers() and inner.couples_samples:
+            inner.training = False
     return layer
 
 
 @st.composite
 def sequentials(draw, min_depth: int = 1, max_depth: int = 4, widths=(1, 5), *,
-                names=None, dtype=np.float64, nested: bool = True) -> Sequential:
+                names=None, dtype=np.float64, nested: bool = True,
+                coupled: bool = False) -> Sequential:
     """A `Sequential` of `min_depth..max_depth` registered layers.
 
     Parameters
@@ -313,6 +338,8 @@ def sequentials(draw, min_depth: int = 1, max_depth: int = 4, widths=(1, 5), *,
     nested : bool
         Sometimes wrap a run of layers in an inner `Sequential`, which must
         behave exactly like the flat stack.
+    coupled : bool
+        As for `layers`: keep train-mode BatchNorm coupling the samples.
 
     Notes
     -----
@@ -327,7 +354,8 @@ def sequentials(draw, min_depth: int = 1, max_depth: int = 4, widths=(1, 5), *,
     stack = []
     for _ in range(depth):
         layer = LAYERS[draw(st.sampled_from(chosen))].example(width, rng=rng, dtype=dtype)
-        stack.append(checkable(layer))
+        layer = checkable(layer)
+        stack.append(layer if coupled else per_sample(layer))
         width = layer.output_dim(width)
     if nested and depth >= 2 and draw(st.booleans()):
         start = draw(st.integers(0, depth - 2))
