@@ -20,6 +20,13 @@ mutant, where the bug lives and therefore which checks must catch it:
   gradcheck with mode="jacobian" catches it, and check_layer's Jacobian
   entries; the vjp backward and Taylor pass.
 
+The table covers the round-2 layers too: `LastEntryMaxPool` and
+`NeighbourMaxPool` route the derivative to the wrong entry of a window;
+`WrongWeightGradConv` pairs the im2col rows of `dL/dW` with the reversed
+channel order (vjp only); `NoMeanLayerNorm` drops the mean term of the
+LayerNorm Jacobian (J, vjp, jvp); `PerSampleBatchNorm` treats a train-mode
+BatchNorm as per-sample (only the diagonal blocks, `couples_samples` False).
+
 Mutants named `Public...` override a *public* method instead of a private
 one (the extension contract: an override is obeyed on every path, so it is
 the override that is checked, never bypassed). `PerSampleCentering` couples
@@ -38,6 +45,7 @@ import numpy as np
 
 import jacobprop as jp
 from jacobprop.jacobian import DiagonalJacobian, GeneralJacobian, Jacobian
+from jacobprop.jacobian_spatial import channel_rows
 from jacobprop.testing import checkable
 
 
@@ -270,6 +278,57 @@ class NeighbourMaxPool(jp.MaxPool2D):
         return y, cache._replace(indices=shifted)
 
 
+class WrongWeightGradConv(jp.Conv2D):
+    """dL/dW pairs each output channel's rows with the reversed channel order."""
+
+    def _vjp(self, cache, g, need_input):
+        gx, grads = super()._vjp(cache, g, need_input)
+        rows = channel_rows(g, self.out_channels)[::-1]
+        grads["W"] = (rows @ cache.columns.T).reshape(self.params["W"].shape)
+        return gx, grads
+
+
+class NoMeanLayerNorm(jp.LayerNorm):
+    """dy/dx = diag(gamma) r (I - xh xh^T / k): the mean term is missing (J, vjp, jvp)."""
+
+    def _jacobian(self, cache):
+        xh = cache.normalized
+        diagonal = self._scale(xh.dtype) * cache.inv_std
+        basis = xh[:, :, None]
+        return jp.DiagonalLowRankJacobian(diagonal, -(diagonal / self.features)[:, :, None]
+                                          * basis, basis)
+
+    def _vjp(self, cache, g, need_input):
+        gx = self._jacobian(cache)._vjp(g) if need_input else None
+        return gx, self._param_grads(cache, g)
+
+    def _jvp(self, cache, v):
+        return self._jacobian(cache)._jvp(v)
+
+
+class PerSampleBatchNorm(jp.BatchNorm):
+    """Train-mode BatchNorm treated as per-sample: only the diagonal blocks, no coupling."""
+
+    @property
+    def couples_samples(self):
+        return False
+
+    def _diagonal_blocks(self, cache):
+        scale = self._scale(cache.x.dtype) * cache.inv_std
+        batch = max(cache.x.shape[0], 1)
+        return scale * (1 - 1 / batch - cache.normalized ** 2 / batch)
+
+    def _jacobian(self, cache):
+        return DiagonalJacobian(self._diagonal_blocks(cache))
+
+    def _vjp(self, cache, g, need_input):
+        gx = g * self._diagonal_blocks(cache) if need_input else None
+        return gx, self._param_grads(cache, g)
+
+    def _jvp(self, cache, v):
+        return v * self._diagonal_blocks(cache)
+
+
 #: mutant class -> (where the bug is, check_layer entries that must fail)
 EXPECTED = {
     SignFlipTanh: ("derivative", {"dy/dx"}),
@@ -290,6 +349,9 @@ EXPECTED = {
     PerSampleCentering: ("derivative", {"dy/dx"}),
     LastEntryMaxPool: ("derivative", {"dy/dx"}),
     NeighbourMaxPool: ("derivative", {"dy/dx"}),
+    WrongWeightGradConv: ("vjp", {"vjp dW"}),
+    NoMeanLayerNorm: ("derivative", {"dy/dx"}),
+    PerSampleBatchNorm: ("derivative", {"dy/dx"}),
 }
 
 
@@ -313,6 +375,14 @@ def mutant_layer(mutant_cls, *, rng: np.random.Generator):
         return mutant_cls(4, 6, rng=rng), 4
     if issubclass(mutant_cls, jp.MaxPool2D):
         return mutant_cls(2, input_shape=(2, 2, 4)), 16
+    if issubclass(mutant_cls, jp.Conv2D):
+        return mutant_cls(2, 3, 3, input_shape=(2, 3, 4), padding=1, rng=rng), 24
+    if issubclass(mutant_cls, (jp.LayerNorm, jp.BatchNorm)):
+        # Train mode (BatchNorm couples samples), parameters away from their identity start.
+        layer = mutant_cls(6)
+        layer.params["gamma"][...] = rng.uniform(0.5, 1.5, 6)
+        layer.params["beta"][...] = rng.standard_normal(6)
+        return layer, 6
     return mutant_cls(), 6
 
 

@@ -692,7 +692,7 @@ def test_every_checker_works_through_a_train_mode_batchnorm(mode):
     """The explicit mode's dL/dx through a coupled operator is the summed vjp of the
     covector (B, 1, B, n), not its first row; check_layer sums a coupled chain's dy/dp
     over the second batch axis; the culprit is found among coupled layers too."""
-    from mutants_layers import PerSampleBatchNorm
+    from mutants import PerSampleBatchNorm
 
     rng = np.random.default_rng(41)
     net = jp.Sequential(jp.Dense(3, 4, rng=rng), jp.BatchNorm(4), jp.Tanh(),

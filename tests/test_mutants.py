@@ -158,10 +158,17 @@ def test_no_correct_registered_layer_is_ever_flagged(layer_name):
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda cls: cls.__name__)
 def test_assert_layer_correct_catches_every_mutant(mutant):
     """The testing kit's one call catches every bug of the table, whatever its kind."""
+    from jacobprop.testing.contract import _check_of
+
+    _, failing = EXPECTED[mutant]
     rng = np.random.default_rng(5)
     layer, width = mutant_layer(mutant, rng=rng)
-    with pytest.raises(jp.GradcheckError, match=mutant.__name__):
+    with pytest.raises(jp.GradcheckError, match=mutant.__name__) as caught:
         assert_layer_correct(layer, input_dim=width, rng=rng)
+    # The check named is the kit's name for a failing check_layer entry, or batch
+    # independence for a layer whose samples interact although it says they do not.
+    named = {_check_of(entry) for entry in failing} | {"batch independence"}
+    assert any(f"check {name!r} failed" in str(caught.value) for name in named)
 
 
 def test_a_layer_coupling_samples_passes_every_checker_when_it_says_so():
