@@ -8,6 +8,7 @@ test_mutants.py).
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import numpy as np
@@ -712,6 +713,64 @@ def test_every_checker_works_through_a_train_mode_batchnorm(mode):
         assert report.ok is not caught, str(report)
         if caught:
             assert f"layer 1 ({type(wrong).__name__})" in report.culprit
+
+
+def affine_layers(rng):
+    return [jp.Dense(4, 3, rng=rng),
+            jp.Conv2D(2, 3, (2, 3), input_shape=(2, 3, 4), padding=1, stride=(1, 2), rng=rng),
+            jp.Conv2D(1, 2, 3, input_shape=(1, 4, 4), bias=False, rng=rng)]
+
+
+@pytest.mark.parametrize("which", range(3))
+def test_the_affine_parameter_hook_is_exactly_the_forward(which):
+    """`_affine_param_change` (one column per entry for Dense, every position of one output
+    channel for Conv2D) says exactly what the forward pass does when one entry moves."""
+    from jacobprop.checks.differences import affine_change_columns
+
+    rng = np.random.default_rng(50 + which)
+    layer = affine_layers(rng)[which]
+    x = rng.standard_normal((3, layer.input_dim))
+    y = layer(x)
+    for name, value in layer.params.items():
+        coords = np.arange(value.size)
+        steps = rng.uniform(0.5, 2.0, value.size)
+        rows, delta = affine_change_columns(layer._affine_param_change(x, name, coords, steps),
+                                            value.size, x.shape[0])
+        assert rows.shape[0] == value.size and delta.shape == (value.size, 3, rows.shape[1])
+        for g, coord in enumerate(coords):
+            moved = copy.deepcopy(layer)
+            moved.params[name].reshape(-1)[coord] += steps[g]
+            expected = moved(x) - y
+            got = np.zeros_like(y)
+            got[:, rows[g]] = delta[g]
+            np.testing.assert_allclose(got, expected, atol=1e-12)
+
+    class OwnForward(type(layer)):
+        def forward(self, x):
+            return super().forward(x)
+
+    own = copy.deepcopy(layer)
+    own.__class__ = OwnForward
+    assert own._affine_param_change(x, "W", np.arange(2), np.ones(2)) is None
+
+
+def test_gradcheck_of_a_small_cnn_uses_the_conv_shortcut_and_catches_its_bugs():
+    """Through the Conv2D hook (Conv2D -> ReLU -> Conv2D -> Tanh -> MaxPool -> Dense) the
+    full gradcheck passes, and a wrong dL/dW of either convolution is caught and named."""
+    from mutants import WrongWeightGradConv
+
+    rng = np.random.default_rng(52)
+
+    def cnn(conv):
+        return jp.Sequential(conv(1, 2, 3, padding=1, input_shape=(1, 4, 4), rng=rng),
+                             jp.ReLU(), jp.Conv2D(2, 3, 3, padding=1, rng=rng), jp.Tanh(),
+                             jp.MaxPool2D(2), jp.Flatten(), jp.Dense(12, 2, rng=rng))
+
+    x, t = rng.standard_normal((3, 16)), rng.standard_normal((3, 2))
+    assert jp.gradcheck(cnn(jp.Conv2D), x, t, jp.MSE(), rng=rng).ok
+    report = jp.gradcheck(cnn(WrongWeightGradConv), x, t, jp.MSE(), rng=rng)
+    assert not report.ok and not report["0.W"].passed and report["2.W"].passed
+    assert "layer 0 (WrongWeightGradConv)" in report.culprit
 
 
 # ---- no false alarms: wide magnitudes, exact kinks, saturation (issue 7) -------------------

@@ -87,7 +87,9 @@ For a `Sequential` (nested stacks are flattened), the prefix up to layer `l`
 runs once; the outputs of layer `l` under every perturbation of one of its
 parameters are stacked as extra batch rows -- a layer whose hook
 `Layer._affine_param_change` describes the change says it with no call at
-all (Dense: moving `W[j, k]` by `h` moves output column `j` by `h x[:, k]`);
+all (Dense: moving `W[j, k]` by `h` moves output column `j` by `h x[:, k]`;
+Conv2D: moving `W[o, c, i, j]` moves every position of output channel `o` by
+`h` times the matching im2col row of x);
 any other layer is evaluated once per coordinate on its own input -- and the
 rows go through the rest of the network in batched forward passes, chunked to
 about 16 MiB per array. `loss.per_sample` then gives one row of per-sample

@@ -16,6 +16,27 @@ from ..network import Sequential
 from .tolerance import _CHUNK, CENTRAL_STEP, RICHARDSON_STEP, _as_float64, _check_tolerance
 
 
+# ---- the affine-parameter hook's two forms ------------------------------------------------
+def affine_change_columns(change, groups: int, batch: int):
+    """`Layer._affine_param_change`'s answer as `(rows (G, k), delta (G, B, k))`.
+
+    A hook gives `rows` `(G,)` with `delta` broadcastable to `(G, B)` (one output
+    column per perturbation, as Dense's), or `rows` `(G, k)` of distinct columns
+    with `delta` broadcastable to `(G, B, k)` (Conv2D: every position of one
+    output channel).
+    """
+    rows, delta = change
+    rows = np.asarray(rows, dtype=np.intp)
+    if rows.ndim == 1:
+        return rows[:, None], np.broadcast_to(delta, (groups, batch))[:, :, None]
+    return rows, np.broadcast_to(delta, (groups, batch, rows.shape[1]))
+
+
+def _columns_of(out: np.ndarray) -> np.ndarray:
+    """`(G, m, B)` view of stacked outputs `(G, B, m)`, so `[g, rows[g]]` picks columns."""
+    return np.swapaxes(out, 1, 2)
+
+
 # ---- the float64 copy of a stack --------------------------------------------------------------
 @dataclass
 class _Leaf:
@@ -138,12 +159,12 @@ class _Evaluator:
     def param_pass(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
         """`run` from the outputs of leaf `index` under `param_outputs(...)` perturbations.
 
-        When the layer's hook `_affine_param_change` says that moving one entry
-        changes one output column, and the next layer is elementwise, only that
-        column is pushed through it (one value per sample instead of the whole
-        width); a layer after that which is affine in its input with one matrix
-        (`_affine_input_columns`) gets a rank-one update instead of a forward
-        pass, before the rows go on.
+        When the layer's hook `_affine_param_change` says which output columns
+        moving one entry changes (Dense: one; Conv2D: every position of one
+        output channel), and the next layer is elementwise, only those columns
+        are pushed through it instead of the whole width; a layer after that
+        which is affine in its input with one matrix (`_affine_input_columns`)
+        gets a low-rank update instead of a forward pass, before the rows go on.
         """
         after = index + 1
         change = None
@@ -152,32 +173,37 @@ class _Evaluator:
         if change is None:
             return self.run(after, self.param_outputs(index, name, coords, steps))
         groups = len(coords)
-        rows, delta = change
-        base = self.acts[after][:, rows].T  # (G, B): the unperturbed column of each group
+        rows, delta = change  # (G, k), (G, B, k)
+        base = np.moveaxis(self.acts[after][:, rows], 0, 1)  # (G, B, k): unperturbed columns
         moved = base + delta
-        reach = self.crossed(after, moved, base)
+        reach = self.crossed(after, moved, base).any(axis=2)
         activated = self.leaves[after].work._call_forward(moved.reshape(-1, 1))[0]
-        activated = activated.reshape(groups, self.batch)
+        activated = activated.reshape(moved.shape)
         following = after + 1
         columns = None
         if following < len(self.leaves) and not self.kinked[following]:
-            columns = self.leaves[following].work._affine_input_columns(rows)
+            columns = self.leaves[following].work._affine_input_columns(rows.reshape(-1))
         if columns is not None:
             # Column j of its input moved by c, so its output moves by c M[:, j]: no pass.
-            moved_by = activated - self.acts[following][:, rows].T
+            moved_by = activated - np.moveaxis(self.acts[following][:, rows], 0, 1)
             out = np.repeat(self.acts[following + 1][None], groups, axis=0)
-            out += moved_by[:, :, None] * columns[:, None, :]
+            columns = columns.reshape(groups, rows.shape[1], -1)
+            out += np.einsum("gbk,gkm->gbm", moved_by, columns)
             y_out, deeper = self.run(following + 1, out)
             return y_out, reach | deeper
         out = np.repeat(self.acts[following][None], groups, axis=0)
-        out[np.arange(groups), :, rows] = activated
+        _columns_of(out)[np.arange(groups)[:, None], rows] = np.swapaxes(activated, 1, 2)
         y_out, deeper = self.run(following, out)
         return y_out, reach | deeper
 
     def _affine_change(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
-        """The hook `Layer._affine_param_change` of leaf `index` at its cached input."""
+        """The hook `Layer._affine_param_change` of leaf `index` at its cached input, as
+        `(rows (G, k), delta (G, B, k))` (a hook may give one column per perturbation)."""
         work = self.leaves[index].work
-        return work._affine_param_change(self.acts[index], name, coords, steps)
+        change = work._affine_param_change(self.acts[index], name, coords, steps)
+        if change is None:
+            return None
+        return affine_change_columns(change, len(coords), self.batch)
 
     def param_outputs(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
         """Outputs (G, B, m) of leaf `index` with `params[name].flat[coords[g]] += steps[g]`."""
@@ -188,7 +214,7 @@ class _Evaluator:
         if change is not None:
             out = np.repeat(y[None], groups, axis=0)
             rows, delta = change
-            out[np.arange(groups), :, rows] += delta
+            _columns_of(out)[np.arange(groups)[:, None], rows] += np.swapaxes(delta, 1, 2)
             return out
         out = np.empty((groups, *y.shape))
         flat = work.params[name].reshape(-1)  # a view: the copy is C-contiguous

@@ -46,6 +46,8 @@ def _kink_interval(ev, losses, start, plus, minus, h, budget):
     kinked, rate_lo, rate_hi, spent = rates
     outputs = np.argwhere(kinked)
     count = len(outputs)
+    if count == 0:
+        return None
     budget[0] -= 2 + spent + 2 * count
     sample, feature = outputs.T
     pick = np.arange(count)

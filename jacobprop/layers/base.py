@@ -337,13 +337,19 @@ class Layer:
         None or (rows, delta)
             None (this default) means "no shortcut": the checkers evaluate the
             layer once per perturbation. A layer whose output is affine in
-            every entry of `name`, and whose entry changes exactly one output
-            column, returns `rows` `(G,)` ints and `delta` broadcastable to
-            `(G, B)` such that perturbation g changes `y[:, rows[g]]` by
-            `delta[g]` and leaves every other output as it was (Dense:
-            `W[j, k] + h` moves column j by `h x[:, k]`). The finite-difference
-            checkers then never call the forward pass for these perturbations,
-            so the rule must hold exactly for the layer's own forward.
+            every entry of `name` returns the output columns each perturbation
+            changes and by how much, leaving every other output as it was:
+            either `rows` `(G,)` ints with `delta` broadcastable to `(G, B)`
+            (one column each: perturbation g changes `y[:, rows[g]]` by
+            `delta[g]`; Dense: `W[j, k] + h` moves column j by `h x[:, k]`), or
+            `rows` `(G, k)` of distinct columns with `delta` broadcastable to
+            `(G, B, k)` (perturbation g changes `y[:, rows[g, c]]` by
+            `delta[g, :, c]`; Conv2D: `W[o, c, i, j] + h` moves every position
+            p of channel o by `h` times the patch entry `x[c, p + (i, j)]`).
+            `jacobprop.checks.differences.affine_change_columns` reads both.
+            The finite-difference checkers then never call the forward pass
+            for these perturbations, so the rule must hold exactly for the
+            layer's own forward.
         """
         return None
 
