@@ -831,6 +831,26 @@ def test_no_checker_cries_wolf_on_a_correct_layer(layer_name, kind):
         assert result.ok, f"seed {base + case}\n{result}"
 
 
+class OnePercentGELU(jp.GELU):
+    """GELU whose derivative (J, vjp, jvp alike) is 1% too large."""
+
+    def _derivative(self, cache):
+        return 1.01 * super()._derivative(cache)
+
+
+def test_a_derivative_varying_finer_than_the_step_gets_a_second_opinion():
+    """GELU's left tail is Gaussian: at x = -33 its derivative changes on a scale 1/|x|,
+    while the step grows with |x|, so D(h) alone is off by ~5e-6 relative (issue 7's
+    saturated set, CI seed 73029). Richardson from D(h) and D(h/2), with its own error
+    estimate, clears it; a 1% error in the same tail is still caught."""
+    x = np.array([[-33.0], [-30.5], [-36.0]])
+    for fast in (False, True):
+        report = jp.check_layer(jp.GELU(), x, rng=np.random.default_rng(0), fast=fast)
+        assert report.ok, str(report)
+        report = jp.check_layer(OnePercentGELU(), x, rng=np.random.default_rng(0), fast=fast)
+        assert [entry.name for entry in report.failures] == ["dy/dx"], str(report)
+
+
 def test_softmax_with_logits_far_apart_passes_check_layer():
     """Issue 7, defect 1: every entry failed at 1e-11 relative for logits 7 or more apart
     (the structured product rounds relative to |s| |u|, which |g| |J| does not show)."""

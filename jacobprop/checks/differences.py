@@ -327,6 +327,7 @@ class _Differences:
     dminus: np.ndarray  # L(p-h) - L(p)
     reach: np.ndarray  # a kinked layer's input crossed a kink
     steps: np.ndarray  # h
+    richardson: bool = False  # `numeric` is already extrapolated
 
 
 def _combine(d: dict, h: np.ndarray, richardson: bool, reach) -> _Differences:
@@ -334,7 +335,8 @@ def _combine(d: dict, h: np.ndarray, richardson: bool, reach) -> _Differences:
     if richardson:
         half = (d[0.5] - d[-0.5]) / h
         central = (4 * half - central) / 3
-    return _Differences(central, d[1.0] / h, -d[-1.0] / h, d[1.0], d[-1.0], reach, h)
+    return _Differences(central, d[1.0] / h, -d[-1.0] / h, d[1.0], d[-1.0], reach, h,
+                        richardson)
 
 
 def _step(richardson: bool) -> float:

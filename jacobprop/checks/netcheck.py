@@ -23,7 +23,7 @@ from .differences import (
     _step,
     numerical_jacobian,
 )
-from .kinks import _coordinate_points, _judge, _kink_interval
+from .kinks import _central, _coordinate_points, _judge, _kink_interval, _Probe
 from .layercheck import check_layer
 from .reports import GradcheckReport, _entry
 from .tolerance import (
@@ -256,7 +256,13 @@ def _full_entry(ev, losses, key, index, name, a, diff, step, rtol, atol, floor, 
         start, plus, minus = _coordinate_points(ev, index, name, coord, hs[coord])
         return _kink_interval(ev, losses, start, plus, minus, hs[coord], budget)
 
-    passed, accepted, cost = _judge(flat_a, diff, tol, slack_unit, floor, losses, split)
+    def half(coord):
+        step = hs[coord] / 2
+        start, plus, minus = _coordinate_points(ev, index, name, coord, step)
+        return _central(ev, losses, start, plus, minus, step), 2
+
+    passed, accepted, cost = _judge(flat_a, diff, tol, slack_unit, floor, losses,
+                                    _Probe(split, half))
     return _entry(key, label, type_name, "finite differences", flat_a, numeric, tol, floor,
                   passed, accepted, a.shape), cost
 
@@ -267,9 +273,10 @@ def _fast_entry(ev, losses, key, index, name, a, step, richardson, rtol, atol, f
     analytic, tol = [], []
     d = {s: np.empty(_DIRECTIONS) for s in _scales(richardson)}
     reach = np.zeros(_DIRECTIONS, dtype=bool)
-    splits = []
+    splits, directions = [], []
     for j in range(_DIRECTIONS):
         direction = _random_direction(rng, base_point)
+        directions.append(direction)
         rows = {}
         for s in d:
             start, point = ev.direction_point(index, name, s * step * direction)
@@ -298,7 +305,13 @@ def _fast_entry(ev, losses, key, index, name, a, step, richardson, rtol, atol, f
         start, plus, minus = splits[j]
         return _kink_interval(ev, losses, start, plus, minus, step, budget)
 
-    passed, accepted, cost = _judge(analytic, diff, tol, slack_unit, floor, losses, split)
+    def half(j):
+        start, plus = ev.direction_point(index, name, 0.5 * step * directions[j])
+        _, minus = ev.direction_point(index, name, -0.5 * step * directions[j])
+        return _central(ev, losses, start, plus, minus, step / 2), 2
+
+    passed, accepted, cost = _judge(analytic, diff, tol, slack_unit, floor, losses,
+                                    _Probe(split, half))
     entry = _entry(key, label, type_name, "directional", analytic, numeric, tol, floor, passed,
                    accepted, (_DIRECTIONS,))
     entry.size = int(a.size)
