@@ -831,6 +831,30 @@ def test_no_checker_cries_wolf_on_a_correct_layer(layer_name, kind):
         assert result.ok, f"seed {base + case}\n{result}"
 
 
+def test_kinks_inside_a_residual_block_are_kinks_too():
+    """ReLU inside `Residual(Sequential(Dense, ReLU))` with a whole sample's pre-activations
+    exactly at 0: the block's kinks reach the checkers through Residual's hooks (its inner
+    pass against a copy at the unperturbed parameters, the interval chain rule through
+    the block); a wrong slope there is still caught."""
+    rng = np.random.default_rng(53)
+    dense = jp.Dense(3, 3, rng=rng)
+    dense.params["b"][:] = 0.0
+    block = jp.Residual(jp.Sequential(dense, jp.ReLU()))
+    x, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    x[0] = 0.0
+    assert block.has_kinks and not jp.Residual(jp.Sequential(jp.Tanh())).has_kinks
+    report = jp.check_layer(block, x, rng=rng)
+    assert report.ok and report.kink_accepted > 0, str(report)
+    net = jp.Sequential(jp.Identity(), block, jp.Dense(3, 2, rng=rng))
+    report = jp.gradcheck(net, x, t, jp.MSE(), rng=rng)
+    assert report.ok and report.kink_accepted > 0, str(report)
+    assert jp.taylor_test(net, x, t, jp.MSE(), rng=rng).ok
+    wrong = jp.Residual(jp.Sequential(dense, BadKinkReLU()))
+    assert not jp.check_layer(wrong, x, rng=rng).ok
+    bad = jp.Sequential(jp.Identity(), wrong, jp.Dense(3, 2, rng=rng))
+    assert not jp.gradcheck(bad, x, t, jp.MSE(), rng=rng).ok
+
+
 class OnePercentGELU(jp.GELU):
     """GELU whose derivative (J, vjp, jvp alike) is 1% too large."""
 

@@ -81,6 +81,10 @@ class _Evaluator:
         # Whose derivative jumps somewhere (at input values or at ties): the layer's hook
         # `_kink_crossed` says which of its inputs a perturbed pass moved onto a kink.
         self.kinked = [bool(leaf.work.has_kinks) for leaf in leaves]
+        # A composite with kinks inside (Residual) compares its inner pass against a copy
+        # at the unperturbed parameters: its own parameters' moves cross those kinks too.
+        self.reference = [copy.deepcopy(leaf.work) if kinked and leaf.work.sublayers()
+                          else None for leaf, kinked in zip(leaves, self.kinked, strict=True)]
         # A layer whose samples interact must see each perturbed batch on its own.
         self.coupled = [bool(leaf.work.couples_samples) for leaf in leaves]
         width = max(a.shape[1] for a in acts)
@@ -104,7 +108,34 @@ class _Evaluator:
 
     def crossed(self, index: int, z: np.ndarray, z0: np.ndarray) -> np.ndarray:
         """Leaf `index`'s kink hook: the entries of `z` that moved from `z0` onto a kink."""
-        return np.asarray(self.leaves[index].work._kink_crossed(z, z0), dtype=bool)
+        work = self.leaves[index].work
+        reference = self.reference[index]
+        if reference is None:
+            return np.asarray(work._kink_crossed(z, z0), dtype=bool)
+        return np.asarray(work._kink_crossed(z, z0, reference), dtype=bool)
+
+    def inner_reach(self, index: int, name: str, deltas) -> np.ndarray:
+        """`(G, B)`: which samples of leaf `index`'s pass reach a kink inside it when
+        `params[name]` moves by each of `deltas` (flat `(size,)` arrays, or `(coord,
+        step)` pairs); all False for a leaf without kinks inside."""
+        deltas = list(deltas)
+        reach = np.zeros((len(deltas), self.batch), dtype=bool)
+        if index is None or self.reference[index] is None:
+            return reach
+        work, x = self.leaves[index].work, self.acts[index]
+        old = work.params[name]
+        for group, delta in enumerate(deltas):
+            moved = old.copy()
+            if isinstance(delta, tuple):
+                moved.reshape(-1)[delta[0]] += delta[1]
+            else:
+                moved += np.reshape(delta, old.shape)
+            work.params[name] = moved
+            try:
+                reach[group] = self.crossed(index, x[None], x)[0].any(axis=-1)
+            finally:
+                work.params[name] = old
+        return reach
 
     def forward(self, index: int, flat: np.ndarray, groups: int) -> np.ndarray:
         """Leaf `index` on `groups` stacked batches `(groups * B, w)`."""
@@ -171,7 +202,9 @@ class _Evaluator:
         if after < len(self.leaves) and self._column_wise(after):
             change = self._affine_change(index, name, coords, steps)
         if change is None:
-            return self.run(after, self.param_outputs(index, name, coords, steps))
+            y_out, reach = self.run(after, self.param_outputs(index, name, coords, steps))
+            return y_out, reach | self.inner_reach(index, name, zip(coords, steps,
+                                                                    strict=True))
         groups = len(coords)
         rows, delta = change  # (G, k), (G, B, k)
         base = np.moveaxis(self.acts[after][:, rows], 0, 1)  # (G, B, k): unperturbed columns

@@ -284,7 +284,8 @@ def _fast_entry(ev, losses, key, index, name, a, step, richardson, rtol, atol, f
             d[s][j] = losses.diffs(losses.per_sample(y))[0]
             rows[s] = (start, point)
             if abs(s) == 1.0:
-                reach[j] |= crossed.any()
+                reach[j] |= crossed.any() or ev.inner_reach(
+                    index, name, [s * step * direction]).any()
         splits.append((rows[1.0][0], rows[1.0][1], rows[-1.0][1]))
         terms = a * direction
         analytic.append(terms.sum())

@@ -258,13 +258,15 @@ class Layer:
         """Whether the derivative jumps somewhere: at input values (`kinks`) or at ties."""
         return bool(self.kinks) or self.tie_kinks
 
-    def _kink_crossed(self, z: np.ndarray, z0: np.ndarray) -> np.ndarray:
+    def _kink_crossed(self, z: np.ndarray, z0: np.ndarray, reference=None) -> np.ndarray:
         """Mask, shaped like `z` `(..., w)`, of the entries that moved from `z0` onto or
         across a kink: the one test every checker applies to this layer's input.
 
         This default reads `kinks`: entry j crossed when `(z_j - k)` and `(z0_j - k)`
         differ in sign or the first is 0, and `z_j != z0_j`. A layer whose kinks
-        are not input values (MaxPool2D's ties) overrides it.
+        are not input values (MaxPool2D's ties) overrides it. `reference`, for a
+        composite with kinks inside (Residual), is a copy of the layer at the
+        unperturbed parameters: its inner pass at `z0` is the base to compare with.
         """
         return _crossed_values(z, z0, self.kinks)
 

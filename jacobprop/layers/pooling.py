@@ -140,7 +140,7 @@ class MaxPool2D(_Pool2D):
             crossed |= tied & moved
         return crossed, at, winner
 
-    def _kink_crossed(self, z, z0):
+    def _kink_crossed(self, z, z0, reference=None):
         """A tie is a kink in the difference of two inputs (see `_crossed_windows`); the
         first maximum at `z0` of each crossed window is marked (the checkers read which
         samples reached a kink). `z` `(..., B, n)`, `z0` `(B, n)`."""
