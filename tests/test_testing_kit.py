@@ -246,7 +246,7 @@ def test_network_inputs_keep_every_live_kink_input_clear(data):
     checked = kink_distances(net, x)
     for position, leaf in enumerate(flatten_layers(net)):
         kinks, saturation = type(leaf).kinks, type(leaf).saturation
-        if (kinks or saturation is not None) or (leaf.has_kinks and position > 0):
+        if leaf.has_kinks or saturation is not None:
             item = checked.pop(0)
             assert item.position == position and item.layer is leaf
             np.testing.assert_array_equal(item.z, z)
@@ -259,9 +259,6 @@ def test_network_inputs_keep_every_live_kink_input_clear(data):
             distance = np.abs(z[:, :, None] - np.asarray(kinks)).min(axis=2)
             assert (distance >= DEFAULT_MARGIN * gain).all()
         if type(leaf).tie_kinks:
-            if position == 0:
-                item = checked.pop(0)
-                gain = item.gain
             # Recomputed: the gap of each window is at least 2 margin times its least gain.
             windows = leaf._windows_checked()
             least = gain[:, windows].min(axis=2)

@@ -8,7 +8,11 @@ validate and delegate to the private ones; internal code (Sequential, the
 checkers, the testing kit) calls `_call_<method>`, bound once per class to the
 private method or to a subclass's public override (`jacobprop.dispatch`).
 Two optional hooks, `_affine_param_change` and `_affine_input_columns`, let
-the finite-difference checkers skip forward passes for affine layers.
+the finite-difference checkers skip forward passes for affine layers; three
+more, `_kink_crossed`, `_kink_rates` and `_kink_distance`, are the one kink
+rule's view of a layer (they read `kinks` by default; MaxPool2D's ties and the
+kinks inside a Residual block override them). `sublayers()` shows the layers
+a composite is built from, so modes and the testing kit reach inside it.
 """
 
 from __future__ import annotations
