@@ -150,6 +150,9 @@ class Sequential(Layer):
     def layers(self) -> tuple[Layer, ...]:
         return self._layers
 
+    def sublayers(self) -> tuple[Layer, ...]:
+        return self._layers
+
     def __len__(self) -> int:
         return len(self._layers)
 
@@ -167,13 +170,10 @@ class Sequential(Layer):
 
     # ---- modes and state -----------------------------------------------------------
     def train(self, mode: bool = True) -> Sequential:
-        """Set `training = mode` on this stack and every layer in it (nested too)."""
+        """Set `training = mode` on this stack and every layer in it, reaching inside
+        every composite through `Layer.sublayers()` (nested stacks, Residual blocks)."""
         self.training = bool(mode)
-        for layer in self._layers:
-            if isinstance(layer, Sequential):
-                layer.train(mode)
-            else:
-                layer.training = bool(mode)
+        _set_training(self._layers, bool(mode))
         return self
 
     def eval(self) -> Sequential:
@@ -468,3 +468,10 @@ class Sequential(Layer):
         from .explain import explain  # explain builds on this module
 
         return explain(self, x, t, loss, values=values)
+
+
+def _set_training(layers, mode: bool) -> None:
+    """`training = mode` on `layers` and, through `sublayers()`, on everything inside."""
+    for layer in layers:
+        layer.training = mode
+        _set_training(layer.sublayers(), mode)

@@ -35,6 +35,13 @@ mutant, where the bug lives and therefore which checks must catch it:
   passing. gradcheck's fast mode and the Taylor test use no hook: their
   numbers are right and they pass.
 
+The table covers the round-2 layers too: `LastEntryMaxPool` and
+`NeighbourMaxPool` route the derivative to the wrong entry of a window;
+`WrongWeightGradConv` pairs the im2col rows of `dL/dW` with the reversed
+channel order (vjp only); `NoMeanLayerNorm` drops the mean term of the
+LayerNorm Jacobian (J, vjp, jvp); `PerSampleBatchNorm` treats a train-mode
+BatchNorm as per-sample (only the diagonal blocks, `couples_samples` False).
+
 Mutants named `Public...` override a *public* method instead of a private
 one (the extension contract: an override is obeyed on every path, so it is
 the override that is checked, never bypassed). `PerSampleCentering` couples
@@ -53,6 +60,7 @@ import numpy as np
 
 import jacobprop as jp
 from jacobprop.jacobian import DiagonalJacobian, GeneralJacobian, Jacobian
+from jacobprop.jacobian_spatial import channel_rows
 from jacobprop.testing import checkable
 
 
@@ -282,6 +290,80 @@ class PerSampleCentering(Centering):
         return DiagonalJacobian(np.full(cache.x.shape, 1.0 - 1.0 / batch, cache.x.dtype))
 
 
+class LastEntryMaxPool(jp.MaxPool2D):
+    """Routes each window's derivative to its last entry (bottom right) instead of its
+    maximum: right only where that entry is the maximum (J, vjp, jvp)."""
+
+    def _forward(self, x):
+        y, cache = super()._forward(x)
+        last = self._windows_checked()[:, -1]
+        return y, cache._replace(indices=np.broadcast_to(last, cache.indices.shape).copy())
+
+
+class NeighbourMaxPool(jp.MaxPool2D):
+    """The winner's index is off by one inside the window (the next entry in C-order,
+    wrapping around): wrong indices everywhere (J, vjp, jvp)."""
+
+    def _forward(self, x):
+        y, cache = super()._forward(x)
+        windows = self._windows_checked()
+        position = np.argmax(windows[None] == cache.indices[:, :, None], axis=2)
+        shifted = np.take_along_axis(windows[None], ((position + 1) % windows.shape[1])[..., None],
+                                     axis=2)[..., 0]
+        return y, cache._replace(indices=shifted)
+
+
+class WrongWeightGradConv(jp.Conv2D):
+    """dL/dW pairs each output channel's rows with the reversed channel order."""
+
+    def _vjp(self, cache, g, need_input):
+        gx, grads = super()._vjp(cache, g, need_input)
+        rows = channel_rows(g, self.out_channels)[::-1]
+        grads["W"] = (rows @ cache.columns.T).reshape(self.params["W"].shape)
+        return gx, grads
+
+
+class NoMeanLayerNorm(jp.LayerNorm):
+    """dy/dx = diag(gamma) r (I - xh xh^T / k): the mean term is missing (J, vjp, jvp)."""
+
+    def _jacobian(self, cache):
+        xh = cache.normalized
+        diagonal = self._scale(xh.dtype) * cache.inv_std
+        basis = xh[:, :, None]
+        return jp.DiagonalLowRankJacobian(diagonal, -(diagonal / self.features)[:, :, None]
+                                          * basis, basis)
+
+    def _vjp(self, cache, g, need_input):
+        gx = self._jacobian(cache)._vjp(g) if need_input else None
+        return gx, self._param_grads(cache, g)
+
+    def _jvp(self, cache, v):
+        return self._jacobian(cache)._jvp(v)
+
+
+class PerSampleBatchNorm(jp.BatchNorm):
+    """Train-mode BatchNorm treated as per-sample: only the diagonal blocks, no coupling."""
+
+    @property
+    def couples_samples(self):
+        return False
+
+    def _diagonal_blocks(self, cache):
+        scale = self._scale(cache.x.dtype) * cache.inv_std
+        batch = max(cache.x.shape[0], 1)
+        return scale * (1 - 1 / batch - cache.normalized ** 2 / batch)
+
+    def _jacobian(self, cache):
+        return DiagonalJacobian(self._diagonal_blocks(cache))
+
+    def _vjp(self, cache, g, need_input):
+        gx = g * self._diagonal_blocks(cache) if need_input else None
+        return gx, self._param_grads(cache, g)
+
+    def _jvp(self, cache, v):
+        return v * self._diagonal_blocks(cache)
+
+
 #: mutant class -> (where the bug is, check_layer entries that must fail)
 EXPECTED = {
     SignFlipTanh: ("derivative", {"dy/dx"}),
@@ -302,6 +384,11 @@ EXPECTED = {
     PerSampleCentering: ("derivative", {"dy/dx"}),
     ScaledParamHookDense: ("hook", {"hook W"}),
     ShiftedInputColumnsDense: ("hook", {"hook x"}),
+    LastEntryMaxPool: ("derivative", {"dy/dx"}),
+    NeighbourMaxPool: ("derivative", {"dy/dx"}),
+    WrongWeightGradConv: ("vjp", {"vjp dW"}),
+    NoMeanLayerNorm: ("derivative", {"dy/dx"}),
+    PerSampleBatchNorm: ("derivative", {"dy/dx"}),
 }
 
 
@@ -319,7 +406,8 @@ def network_with(mutant_cls, *, rng: np.random.Generator):
     if issubclass(mutant_cls, jp.Dense):
         layers = [mutant_cls(4, 6, rng=rng), jp.Tanh(), jp.Dense(6, 3, rng=rng)]
         return jp.Sequential(*layers), 0, 4
-    layers = [jp.Dense(4, 6, rng=rng), mutant_cls(), jp.Dense(6, 3, rng=rng)]
+    layer, width = mutant_layer(mutant_cls, rng=rng)
+    layers = [jp.Dense(4, width, rng=rng), layer, jp.Dense(layer.output_dim(width), 3, rng=rng)]
     return jp.Sequential(*layers), 1, 4
 
 
@@ -327,6 +415,16 @@ def mutant_layer(mutant_cls, *, rng: np.random.Generator):
     """The mutant alone (non-square when it is a Dense) and its input width."""
     if issubclass(mutant_cls, jp.Dense):
         return mutant_cls(4, 6, rng=rng), 4
+    if issubclass(mutant_cls, jp.MaxPool2D):
+        return mutant_cls(2, input_shape=(2, 2, 4)), 16
+    if issubclass(mutant_cls, jp.Conv2D):
+        return mutant_cls(2, 3, 3, input_shape=(2, 3, 4), padding=1, rng=rng), 24
+    if issubclass(mutant_cls, (jp.LayerNorm, jp.BatchNorm)):
+        # Train mode (BatchNorm couples samples), parameters away from their identity start.
+        layer = mutant_cls(6)
+        layer.params["gamma"][...] = rng.uniform(0.5, 1.5, 6)
+        layer.params["beta"][...] = rng.standard_normal(6)
+        return layer, 6
     return mutant_cls(), 6
 
 
@@ -338,7 +436,8 @@ def registered_example(layer_name: str, width: int, batch: int, *, rng: np.rando
     `at_kinks` puts a whole sample (the first) on the first kink, and every other
     feature of every other sample after it on each kink in turn, so that entries
     at a kink sit beside entries that are not, in the same sample and the same
-    feature. Equal to `x` for a layer without kinks.
+    feature; for a layer whose kinks are ties (MaxPool2D) the same entries are
+    all 0, tied with each other. Equal to `x` for a layer without kinks.
     """
     cls = jp.LAYERS[layer_name]
     layer = checkable(cls.example(width, rng=rng))
@@ -346,6 +445,9 @@ def registered_example(layer_name: str, width: int, batch: int, *, rng: np.rando
     at_kinks = x.copy()
     if cls.kinks:
         at_kinks[0] = cls.kinks[0]
+    elif cls.tie_kinks:
+        at_kinks[0] = 0.0  # every window of the sample tied (MaxPool2D)
+        at_kinks[1::2, ::2] = 0.0
     for k, kink in enumerate(cls.kinks):
         at_kinks[1 + k::2, ::2] = kink
     return layer, x, at_kinks

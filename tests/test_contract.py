@@ -13,15 +13,116 @@ from hypothesis import strategies as st
 
 import jacobprop as jp
 from jacobprop.jacobian import DiagonalJacobian
-from jacobprop.testing import assert_layer_correct, inputs, layers
+from jacobprop.testing import assert_layer_correct, checkable, inputs, layers, per_sample
 
 
 @pytest.mark.parametrize("name", sorted(jp.LAYERS))
 @given(data=st.data(), width=st.integers(1, 5))
 def test_layer_contract(name, data, width):
-    layer = data.draw(layers(input_dim=width, names=[name]), label="layer")
+    # coupled=True: a train-mode BatchNorm stays coupled, and the kit checks the coupling.
+    layer = data.draw(layers(input_dim=width, names=[name], coupled=True), label="layer")
     x = data.draw(inputs(layer, input_dim=width), label="x")
     assert_layer_correct(layer, x, rng=np.random.default_rng(0))
+
+
+def refused_by_every_checker(layer, x, rng):
+    """Every checker refuses a stochastic layer with the fix in the message."""
+    message = "draws a new random mask"
+    with pytest.raises(ValueError, match=message):
+        jp.check_layer(layer, x, rng=rng)
+    with pytest.raises(ValueError, match=message):
+        assert_layer_correct(layer, x, rng=rng)
+    width = layer.output_dim(x.shape[1])
+    net = jp.Sequential(jp.Identity(), layer, jp.Dense(width, 2, rng=rng))
+    t = rng.standard_normal((x.shape[0], 2))
+    with pytest.raises(ValueError, match=message + ".*call net.eval"):
+        jp.gradcheck(net, x, t, jp.MSE(), rng=rng)
+    with pytest.raises(ValueError, match=message + ".*call net.eval"):
+        jp.taylor_test(net, x, t, jp.MSE(), rng=rng)
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(jp.LAYERS))
+def test_every_registered_layer_is_checked_in_both_modes(name, mode):
+    """Whatever mode `example` builds, each mode is covered: a stochastic one is refused by
+    every checker and checked after `checkable`; a coupling one is checked as coupled."""
+    rng = np.random.default_rng(100 * sorted(jp.LAYERS).index(name) + mode)
+    layer = jp.LAYERS[name].example(4, rng=rng)
+    jp.Sequential(layer).train(mode)  # reaches inside composites through sublayers()
+    x = rng.standard_normal((3, layer.input_dim or 4))
+    if layer.stochastic:
+        refused_by_every_checker(layer, x, rng)
+        checkable(layer)
+        assert not layer.stochastic and not layer.training
+    if layer.couples_samples:
+        assert "samples coupled" in jp.check_layer(layer, x, rng=rng).title
+    assert_layer_correct(layer, rng=rng, input_dim=None if layer.input_dim else 4)
+
+
+def test_train_mode_dropout_maths_with_its_mask_held_fixed():
+    """The train-mode derivatives are those of `x -> x * mask` for the forward's own mask
+    (the cache): checked against finite differences of that function and by dot tests."""
+    rng = np.random.default_rng(12)
+    layer = jp.Dropout(0.4, rng=np.random.default_rng(13))
+    x = rng.standard_normal((5, 6))
+    y, cache = layer.forward(x)
+    assert set(np.unique(cache.mask)) <= {0.0, 1 / 0.6} and 0 < cache.mask.sum() < 30 / 0.6
+    np.testing.assert_array_equal(y, x * cache.mask)
+    jac = layer.jacobian(cache)
+    numeric = jp.numerical_jacobian(lambda z: z * cache.mask, x)
+    np.testing.assert_allclose(jac.to_dense(), numeric, atol=1e-9)
+    g, v = rng.standard_normal((5, 6)), rng.standard_normal((5, 6))
+    np.testing.assert_allclose(layer.vjp(cache, g)[0], np.einsum("bm,bmn->bn", g, numeric),
+                               atol=1e-9)
+    np.testing.assert_allclose(layer.jvp(cache, v), np.einsum("bmn,bn->bm", numeric, v),
+                               atol=1e-9)
+    jp.dottest(jac, rng=rng, raise_on_fail=True)
+
+
+class Twice(jp.Layer):
+    """A custom composite: `inner` applied twice (it shows its child through sublayers)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def sublayers(self):
+        return (self.inner,)
+
+    def _forward(self, x):
+        y1, c1 = self.inner._call_forward(x)
+        y2, c2 = self.inner._call_forward(y1)
+        return y2, TwiceCache(x, c1, c2)
+
+    def _jacobian(self, cache):
+        return (self.inner._call_jacobian(cache.second)
+                @ self.inner._call_jacobian(cache.first))
+
+
+class TwiceCache(NamedTuple):
+    x: np.ndarray
+    first: object
+    second: object
+
+
+def test_modes_and_checkable_reach_inside_residual_blocks_and_custom_composites():
+    rng = np.random.default_rng(14)
+    dropout, norm, deep = jp.Dropout(0.3, rng=rng), jp.BatchNorm(4), jp.Dropout(0.2, rng=rng)
+    net = jp.Sequential(jp.Dense(3, 4, rng=rng),
+                        jp.Residual(jp.Sequential(jp.Dense(4, 4, rng=rng), dropout, norm)),
+                        Twice(deep), jp.Dense(4, 2, rng=rng))
+    net.eval()
+    assert not (dropout.training or norm.training or deep.training or net.stochastic)
+    net.train()
+    assert dropout.training and norm.training and deep.training and net.stochastic
+    assert net.couples_samples
+    # checkable: only the leaves that draw random numbers go to eval mode.
+    assert checkable(net) is net
+    assert not dropout.training and not deep.training and norm.training
+    assert not net.stochastic and net.couples_samples
+    x, t = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    assert jp.gradcheck(net, x, t, jp.MSE(), rng=rng).ok
+    assert per_sample(net) is net and not norm.training and not net.couples_samples
 
 
 # ---- the extension contract: a public override is obeyed on every path ------------------

@@ -8,6 +8,7 @@ test_mutants.py).
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import numpy as np
@@ -645,6 +646,135 @@ def test_default_tolerances_follow_the_step():
     assert default_rtol(True) == pytest.approx(1e5 * eps ** (4 / 5))
 
 
+def test_max_pool_ties_are_kinks_and_wrong_routes_are_still_caught():
+    """A tie in a window is a kink in the difference of two inputs: any slope between the
+    one-sided ones is right there, for every checker; a MaxPool routing its derivative to
+    the wrong entry of an untied window is caught at the same tied inputs."""
+    from mutants import LastEntryMaxPool, NeighbourMaxPool
+
+    from jacobprop.testing import assert_layer_correct
+
+    rng = np.random.default_rng(40)
+    x = rng.standard_normal((3, 16))
+    x[0] = 0.0  # every window of sample 0 tied four ways
+    x[1, ::2] = 0.5  # pairs tied in sample 1, beside untied entries
+    pool = jp.MaxPool2D(2, input_shape=(2, 2, 4))
+    for kwargs in ({}, {"fast": True}, {"richardson": True}):
+        report = jp.check_layer(pool, x, rng=rng, **kwargs)
+        assert report.ok and report.kink_accepted > 0, str(report)
+    assert_layer_correct(pool, x, rng=rng)
+    dense = jp.Dense(3, 16, rng=rng)
+    dense.params["b"][:] = 0.0
+    net = jp.Sequential(dense, pool, jp.Tanh(), jp.Dense(4, 2, rng=rng))
+    x_net, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    x_net[0] = 0.0  # the whole first sample's windows tied, moved by every input
+    for kwargs in ({}, {"fast": True}, {"mode": "jacobian"}):
+        report = jp.gradcheck(net, x_net, t, jp.MSE(), rng=rng, **kwargs)
+        assert report.ok, str(report)
+    assert report.kink_accepted > 0
+    assert jp.taylor_test(net, x_net, t, jp.MSE(), rng=rng).ok
+    for mutant in (LastEntryMaxPool, NeighbourMaxPool):
+        wrong = mutant(2, input_shape=(2, 2, 4))
+        report = jp.check_layer(wrong, x, rng=rng)
+        assert {entry.name for entry in report.failures} == {"dy/dx"}, str(report)
+        net_wrong = jp.Sequential(dense, wrong, jp.Tanh(), jp.Dense(4, 2, rng=rng))
+        report = jp.gradcheck(net_wrong, x_net, t, jp.MSE(), rng=rng)
+        assert not report.ok and f"layer 1 ({mutant.__name__})" in report.culprit
+
+
+class OnePercentVjpBatchNorm(jp.BatchNorm):
+    """Train-mode BatchNorm whose vjp's dL/dx is 1% too large (its Jacobian is right)."""
+
+    def _vjp(self, cache, g, need_input):
+        gx, grads = super()._vjp(cache, g, need_input)
+        return (None if gx is None else 1.01 * gx), grads
+
+
+@pytest.mark.parametrize("mode", ["vjp", "jacobian"])
+def test_every_checker_works_through_a_train_mode_batchnorm(mode):
+    """The explicit mode's dL/dx through a coupled operator is the summed vjp of the
+    covector (B, 1, B, n), not its first row; check_layer sums a coupled chain's dy/dp
+    over the second batch axis; the culprit is found among coupled layers too."""
+    from mutants import PerSampleBatchNorm
+
+    rng = np.random.default_rng(41)
+    net = jp.Sequential(jp.Dense(3, 4, rng=rng), jp.BatchNorm(4), jp.Tanh(),
+                        jp.Dense(4, 2, rng=rng))
+    net[1].params["gamma"][:] = rng.uniform(0.5, 1.5, 4)
+    x, t = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    for kwargs in ({}, {"fast": True}):
+        report = jp.gradcheck(net, x, t, jp.MSE(), rng=rng, mode=mode, **kwargs)
+        assert report.ok and report["x"].size == x.size, str(report)
+    report = jp.check_layer(net, x, rng=rng)
+    assert report.ok and "samples coupled" in report.title, str(report)
+    assert jp.taylor_test(net, x, t, jp.MSE(), rng=rng).ok
+    for wrong, caught in ((PerSampleBatchNorm(4), True), (OnePercentVjpBatchNorm(4),
+                                                          mode == "vjp")):
+        bad = jp.Sequential(net[0], wrong, net[2], net[3])
+        report = jp.gradcheck(bad, x, t, jp.MSE(), rng=rng, mode=mode)
+        assert report.ok is not caught, str(report)
+        if caught:
+            assert f"layer 1 ({type(wrong).__name__})" in report.culprit
+
+
+def affine_layers(rng):
+    return [jp.Dense(4, 3, rng=rng),
+            jp.Conv2D(2, 3, (2, 3), input_shape=(2, 3, 4), padding=1, stride=(1, 2), rng=rng),
+            jp.Conv2D(1, 2, 3, input_shape=(1, 4, 4), bias=False, rng=rng)]
+
+
+@pytest.mark.parametrize("which", range(3))
+def test_the_affine_parameter_hook_is_exactly_the_forward(which):
+    """`_affine_param_change` (one column per entry for Dense, every position of one output
+    channel for Conv2D) says exactly what the forward pass does when one entry moves."""
+    from jacobprop.checks.differences import affine_change_columns
+
+    rng = np.random.default_rng(50 + which)
+    layer = affine_layers(rng)[which]
+    x = rng.standard_normal((3, layer.input_dim))
+    y = layer(x)
+    for name, value in layer.params.items():
+        coords = np.arange(value.size)
+        steps = rng.uniform(0.5, 2.0, value.size)
+        rows, delta = affine_change_columns(layer._affine_param_change(x, name, coords, steps),
+                                            value.size, x.shape[0])
+        assert rows.shape[0] == value.size and delta.shape == (value.size, 3, rows.shape[1])
+        for g, coord in enumerate(coords):
+            moved = copy.deepcopy(layer)
+            moved.params[name].reshape(-1)[coord] += steps[g]
+            expected = moved(x) - y
+            got = np.zeros_like(y)
+            got[:, rows[g]] = delta[g]
+            np.testing.assert_allclose(got, expected, atol=1e-12)
+
+    class OwnForward(type(layer)):
+        def forward(self, x):
+            return super().forward(x)
+
+    own = copy.deepcopy(layer)
+    own.__class__ = OwnForward
+    assert own._affine_param_change(x, "W", np.arange(2), np.ones(2)) is None
+
+
+def test_gradcheck_of_a_small_cnn_uses_the_conv_shortcut_and_catches_its_bugs():
+    """Through the Conv2D hook (Conv2D -> ReLU -> Conv2D -> Tanh -> MaxPool -> Dense) the
+    full gradcheck passes, and a wrong dL/dW of either convolution is caught and named."""
+    from mutants import WrongWeightGradConv
+
+    rng = np.random.default_rng(52)
+
+    def cnn(conv):
+        return jp.Sequential(conv(1, 2, 3, padding=1, input_shape=(1, 4, 4), rng=rng),
+                             jp.ReLU(), jp.Conv2D(2, 3, 3, padding=1, rng=rng), jp.Tanh(),
+                             jp.MaxPool2D(2), jp.Flatten(), jp.Dense(12, 2, rng=rng))
+
+    x, t = rng.standard_normal((3, 16)), rng.standard_normal((3, 2))
+    assert jp.gradcheck(cnn(jp.Conv2D), x, t, jp.MSE(), rng=rng).ok
+    report = jp.gradcheck(cnn(WrongWeightGradConv), x, t, jp.MSE(), rng=rng)
+    assert not report.ok and not report["0.W"].passed and report["2.W"].passed
+    assert "layer 0 (WrongWeightGradConv)" in report.culprit
+
+
 # ---- no false alarms: wide magnitudes, exact kinks, saturation (issue 7) -------------------
 REGRESSION_SETS = ("logits N(0, 6^2)", "logits N(0, 30^2)", "exact kinks", "saturated")
 
@@ -701,6 +831,50 @@ def test_no_checker_cries_wolf_on_a_correct_layer(layer_name, kind):
             assert report.ok, f"seed {base + case}\n{report}"
         result = jp.taylor_test(net, x, t, loss, rng=rng)
         assert result.ok, f"seed {base + case}\n{result}"
+
+
+def test_kinks_inside_a_residual_block_are_kinks_too():
+    """ReLU inside `Residual(Sequential(Dense, ReLU))` with a whole sample's pre-activations
+    exactly at 0: the block's kinks reach the checkers through Residual's hooks (its inner
+    pass against a copy at the unperturbed parameters, the interval chain rule through
+    the block); a wrong slope there is still caught."""
+    rng = np.random.default_rng(53)
+    dense = jp.Dense(3, 3, rng=rng)
+    dense.params["b"][:] = 0.0
+    block = jp.Residual(jp.Sequential(dense, jp.ReLU()))
+    x, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    x[0] = 0.0
+    assert block.has_kinks and not jp.Residual(jp.Sequential(jp.Tanh())).has_kinks
+    report = jp.check_layer(block, x, rng=rng)
+    assert report.ok and report.kink_accepted > 0, str(report)
+    net = jp.Sequential(jp.Identity(), block, jp.Dense(3, 2, rng=rng))
+    report = jp.gradcheck(net, x, t, jp.MSE(), rng=rng)
+    assert report.ok and report.kink_accepted > 0, str(report)
+    assert jp.taylor_test(net, x, t, jp.MSE(), rng=rng).ok
+    wrong = jp.Residual(jp.Sequential(dense, BadKinkReLU()))
+    assert not jp.check_layer(wrong, x, rng=rng).ok
+    bad = jp.Sequential(jp.Identity(), wrong, jp.Dense(3, 2, rng=rng))
+    assert not jp.gradcheck(bad, x, t, jp.MSE(), rng=rng).ok
+
+
+class OnePercentGELU(jp.GELU):
+    """GELU whose derivative (J, vjp, jvp alike) is 1% too large."""
+
+    def _derivative(self, cache):
+        return 1.01 * super()._derivative(cache)
+
+
+def test_a_derivative_varying_finer_than_the_step_gets_a_second_opinion():
+    """GELU's left tail is Gaussian: at x = -33 its derivative changes on a scale 1/|x|,
+    while the step grows with |x|, so D(h) alone is off by ~5e-6 relative (issue 7's
+    saturated set, CI seed 73029). Richardson from D(h) and D(h/2), with its own error
+    estimate, clears it; a 1% error in the same tail is still caught."""
+    x = np.array([[-33.0], [-30.5], [-36.0]])
+    for fast in (False, True):
+        report = jp.check_layer(jp.GELU(), x, rng=np.random.default_rng(0), fast=fast)
+        assert report.ok, str(report)
+        report = jp.check_layer(OnePercentGELU(), x, rng=np.random.default_rng(0), fast=fast)
+        assert [entry.name for entry in report.failures] == ["dy/dx"], str(report)
 
 
 def test_softmax_with_logits_far_apart_passes_check_layer():

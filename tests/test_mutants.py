@@ -154,9 +154,8 @@ def test_no_correct_registered_layer_is_ever_flagged(layer_name):
         net = jp.Sequential(jp.Dense(3, width, rng=rng), layer,
                             jp.Dense(layer.output_dim(width), 2, rng=rng))
         x_net = rng.standard_normal((5, 3))
-        # A whole sample on the kink; for a layer whose kinks are ties (MaxPool2D) that
-        # would tie every window, which the elementwise kink rule cannot judge yet.
-        x_net[0] = rng.standard_normal(3) if cls.tie_kinks else 0.0
+        # A whole sample on the kink (for MaxPool2D: every window of it tied at 0).
+        x_net[0] = 0.0
         net[0].params["b"][:] = cls.kinks[0] if cls.kinks else 0.0
         for kwargs in ({}, {"fast": True}, {"richardson": True}):
             report = jp.gradcheck(net, x_net, rng.standard_normal((5, 2)), jp.MSE(),
@@ -168,10 +167,17 @@ def test_no_correct_registered_layer_is_ever_flagged(layer_name):
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda cls: cls.__name__)
 def test_assert_layer_correct_catches_every_mutant(mutant):
     """The testing kit's one call catches every bug of the table, whatever its kind."""
+    from jacobprop.testing.contract import _check_of
+
+    _, failing = EXPECTED[mutant]
     rng = np.random.default_rng(5)
     layer, width = mutant_layer(mutant, rng=rng)
-    with pytest.raises(jp.GradcheckError, match=mutant.__name__):
+    with pytest.raises(jp.GradcheckError, match=mutant.__name__) as caught:
         assert_layer_correct(layer, input_dim=width, rng=rng)
+    # The check named is the kit's name for a failing check_layer entry, or batch
+    # independence for a layer whose samples interact although it says they do not.
+    named = {_check_of(entry) for entry in failing} | {"batch independence"}
+    assert any(f"check {name!r} failed" in str(caught.value) for name in named)
 
 
 def test_a_layer_coupling_samples_passes_every_checker_when_it_says_so():

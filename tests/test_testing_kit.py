@@ -246,7 +246,7 @@ def test_network_inputs_keep_every_live_kink_input_clear(data):
     checked = kink_distances(net, x)
     for position, leaf in enumerate(flatten_layers(net)):
         kinks, saturation = type(leaf).kinks, type(leaf).saturation
-        if kinks or saturation is not None:
+        if leaf.has_kinks or saturation is not None:
             item = checked.pop(0)
             assert item.position == position and item.layer is leaf
             np.testing.assert_array_equal(item.z, z)
@@ -258,6 +258,11 @@ def test_network_inputs_keep_every_live_kink_input_clear(data):
             # The distance is recomputed here rather than taken from kink_distances.
             distance = np.abs(z[:, :, None] - np.asarray(kinks)).min(axis=2)
             assert (distance >= DEFAULT_MARGIN * gain).all()
+        if type(leaf).tie_kinks:
+            # Recomputed: the gap of each window is at least 2 margin times its least gain.
+            windows = leaf._windows_checked()
+            least = gain[:, windows].min(axis=2)
+            assert (leaf.tie_gaps(z) >= 2 * DEFAULT_MARGIN * least).all()
         if saturation is not None:
             assert (np.abs(z[gain > 0]) <= saturation).all()
         z = leaf(z)
@@ -312,6 +317,32 @@ def test_kink_margin_scales_with_the_gain_in_front_of_the_layer():
     assert input_problems(net, np.array([[-0.5, 0.0005, -0.002]]))
     x = draw_input(net, 3, rng=np.random.default_rng(0), input_dim=4, scale=0.3)
     assert input_problems(net, x) == []
+
+
+def test_max_pool_ties_are_kept_clear_like_other_kinks():
+    """A tie in a window is MaxPool2D's kink: its distance is half the gap (both ends move),
+    scaled by the gain in front like a value kink, and draw_input keeps it clear."""
+    pool = jp.MaxPool2D(2, input_shape=(1, 2, 2))
+    assert pool.has_kinks and not jp.AvgPool2D(2).has_kinks
+    np.testing.assert_allclose(pool._kink_distance(np.array([[1.0, 0.9, 0.0, 1.0]])),
+                               [[0.0, 0.05, 0.5, 0.0]])
+    assert input_problems(pool, np.array([[1.0, 0.9, 0.0, 0.5]])) == []
+    [problem] = input_problems(pool, np.array([[1.0, 1.0, 0.0, 0.5]]))
+    assert "a tie in its window" in problem
+    rng = np.random.default_rng(11)
+    dense = jp.Dense(2, 4, rng=rng)
+    net = jp.Sequential(dense, jp.MaxPool2D(2, input_shape=(1, 2, 2)))
+    dense.params["W"][:] = [[1.0, 0.0], [1.0 + 1e-3, 0.0], [0.0, 1.0], [0.0, 1.0]]
+    dense.params["b"][:] = 0.0
+    # At x = (1, 0) the first two entries are 1e-3 apart: clear with a gain of 1 ...
+    assert input_problems(net, np.array([[1.0, 0.0]]), margin=4e-4) == []
+    # ... but not once a larger gain in front moves them more per unit of x or W.
+    dense.params["W"] *= 10.0
+    assert input_problems(net, np.array([[0.1, 0.0]]), margin=4e-4)
+    dense.params["W"][:] = rng.standard_normal((4, 2))  # rows 2 and 3 were always tied
+    for _ in range(10):
+        x = draw_input(net, 3, rng=rng, margin=1e-2)
+        assert input_problems(net, x, margin=1e-2) == []
 
 
 def test_layers_strategy_reads_the_registry(monkeypatch):

@@ -37,9 +37,12 @@ rule), `hooks` (the layers' shortcut hooks against their forward passes),
 The kink rule
 -------------
 A layer declares in `kinks` the input values where its derivative jumps (ReLU,
-LeakyReLU: `(0.0,)`); a loss declares, the same way, the values of the residual
-`y - t` where its derivative jumps (RMSE: `(0.0,)`, where
-`L` is a norm at its minimum). Where the derivative jumps, any value between
+LeakyReLU: `(0.0,)`), or, when its kinks are not input values, overrides the one
+hook every checker reads, `Layer._kink_crossed(z, z0)` (MaxPool2D: a tie between
+two entries of a window is a kink in their difference, and any slope between the
+one-sided ones is accepted there, as for ReLU); a loss declares, the same way,
+the values of the residual `y - t` where its derivative jumps (RMSE: `(0.0,)`,
+where `L` is a norm at its minimum). Where the derivative jumps, any value between
 the one-sided slopes is a correct derivative, and finite differences that
 straddle the jump mean nothing. So an entry that fails the central-difference
 test is *accepted at a kink* when, and only when,
@@ -86,9 +89,10 @@ runs once; the outputs of layer `l` under every perturbation of one of its
 parameters are stacked as extra batch rows -- a layer whose hook
 `Layer._affine_param_change` describes the change says it with no call at
 all (Dense: moving `W[j, k]` by `h` moves output column `j` by `h x[:, k]`;
-every checker first compares each hook with the layer's forward pass at a few
-random coordinates, reports one that disagrees as a failing "hook ..." entry,
-and does without it: `hooks.py`);
+Conv2D: moving `W[o, c, i, j]` moves every position of output channel `o` by
+`h` times the matching im2col row of x; every checker first compares each
+hook with the layer's forward pass at a few random coordinates, reports one
+that disagrees as a failing "hook ..." entry, and does without it: `hooks.py`);
 any other layer is evaluated once per coordinate on its own input -- and the
 rows go through the rest of the network in batched forward passes, chunked to
 about 16 MiB per array. `loss.per_sample` then gives one row of per-sample

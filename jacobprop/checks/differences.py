@@ -13,8 +13,28 @@ from ..errors import ShapeError, check_batch_matrix
 from ..layers.base import Layer
 from ..losses import Loss
 from ..network import Sequential
-from .kinks import _crossed
 from .tolerance import _CHUNK, CENTRAL_STEP, RICHARDSON_STEP, _as_float64, _check_tolerance
+
+
+# ---- the affine-parameter hook's two forms ------------------------------------------------
+def affine_change_columns(change, groups: int, batch: int):
+    """`Layer._affine_param_change`'s answer as `(rows (G, k), delta (G, B, k))`.
+
+    A hook gives `rows` `(G,)` with `delta` broadcastable to `(G, B)` (one output
+    column per perturbation, as Dense's), or `rows` `(G, k)` of distinct columns
+    with `delta` broadcastable to `(G, B, k)` (Conv2D: every position of one
+    output channel).
+    """
+    rows, delta = change
+    rows = np.asarray(rows, dtype=np.intp)
+    if rows.ndim == 1:
+        return rows[:, None], np.broadcast_to(delta, (groups, batch))[:, :, None]
+    return rows, np.broadcast_to(delta, (groups, batch, rows.shape[1]))
+
+
+def _columns_of(out: np.ndarray) -> np.ndarray:
+    """`(G, m, B)` view of stacked outputs `(G, B, m)`, so `[g, rows[g]]` picks columns."""
+    return np.swapaxes(out, 1, 2)
 
 
 # ---- the float64 copy of a stack --------------------------------------------------------------
@@ -58,7 +78,13 @@ class _Evaluator:
         for leaf in leaves:
             acts.append(leaf.work._call_forward(acts[-1])[0])
         self.acts = acts  # acts[l] is the input of leaf l, acts[-1] the output
-        self.kinks = [tuple(float(k) for k in type(leaf.work).kinks) for leaf in leaves]
+        # Whose derivative jumps somewhere (at input values or at ties): the layer's hook
+        # `_kink_crossed` says which of its inputs a perturbed pass moved onto a kink.
+        self.kinked = [bool(leaf.work.has_kinks) for leaf in leaves]
+        # A composite with kinks inside (Residual) compares its inner pass against a copy
+        # at the unperturbed parameters: its own parameters' moves cross those kinks too.
+        self.reference = [copy.deepcopy(leaf.work) if kinked and leaf.work.sublayers()
+                          else None for leaf, kinked in zip(leaves, self.kinked, strict=True)]
         # A layer whose samples interact must see each perturbed batch on its own.
         self.coupled = [bool(leaf.work.couples_samples) for leaf in leaves]
         # Leaves whose shortcut hooks disagreed with their forward pass (`hooks.py`):
@@ -77,11 +103,42 @@ class _Evaluator:
         reach = np.zeros(rows.shape[:2], dtype=bool)
         flat = rows.reshape(groups * self.batch, rows.shape[2])
         for index in range(start, len(self.leaves)):
-            if self.kinks[index]:
-                z = flat.reshape(groups, self.batch, flat.shape[1])
-                reach |= _crossed(z, self.acts[index], self.kinks[index]).any(axis=2)
+            if self.kinked[index]:
+                z = flat.reshape(groups, self.batch, -1)
+                reach |= self.crossed(index, z, self.acts[index]).any(axis=2)
             flat = self.forward(index, flat, groups)
         return flat.reshape(groups, self.batch, flat.shape[1]), reach
+
+    def crossed(self, index: int, z: np.ndarray, z0: np.ndarray) -> np.ndarray:
+        """Leaf `index`'s kink hook: the entries of `z` that moved from `z0` onto a kink."""
+        work = self.leaves[index].work
+        reference = self.reference[index]
+        if reference is None:
+            return np.asarray(work._kink_crossed(z, z0), dtype=bool)
+        return np.asarray(work._kink_crossed(z, z0, reference), dtype=bool)
+
+    def inner_reach(self, index: int, name: str, deltas) -> np.ndarray:
+        """`(G, B)`: which samples of leaf `index`'s pass reach a kink inside it when
+        `params[name]` moves by each of `deltas` (flat `(size,)` arrays, or `(coord,
+        step)` pairs); all False for a leaf without kinks inside."""
+        deltas = list(deltas)
+        reach = np.zeros((len(deltas), self.batch), dtype=bool)
+        if index is None or self.reference[index] is None:
+            return reach
+        work, x = self.leaves[index].work, self.acts[index]
+        old = work.params[name]
+        for group, delta in enumerate(deltas):
+            moved = old.copy()
+            if isinstance(delta, tuple):
+                moved.reshape(-1)[delta[0]] += delta[1]
+            else:
+                moved += np.reshape(delta, old.shape)
+            work.params[name] = moved
+            try:
+                reach[group] = self.crossed(index, x[None], x)[0].any(axis=-1)
+            finally:
+                work.params[name] = old
+        return reach
 
     def forward(self, index: int, flat: np.ndarray, groups: int) -> np.ndarray:
         """Leaf `index` on `groups` stacked batches `(groups * B, w)`."""
@@ -119,10 +176,9 @@ class _Evaluator:
     def first_crossing(self, start: int, plus: np.ndarray, minus: np.ndarray):
         """`(l, z+, z-, crossed)` at the first kinked leaf that either pass reaches, or None."""
         for index in range(start, len(self.leaves)):
-            kinks = self.kinks[index]
-            if kinks:
+            if self.kinked[index]:
                 base = self.acts[index]
-                crossed = _crossed(np.stack([plus, minus]), base, kinks).any(axis=0)
+                crossed = self.crossed(index, np.stack([plus, minus]), base).any(axis=0)
                 if crossed.any():
                     return index, plus, minus, crossed
             work = self.leaves[index].work
@@ -137,49 +193,56 @@ class _Evaluator:
     def param_pass(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
         """`run` from the outputs of leaf `index` under `param_outputs(...)` perturbations.
 
-        When the layer's hook `_affine_param_change` says that moving one entry
-        changes one output column, and the next layer is elementwise, only that
-        column is pushed through it (one value per sample instead of the whole
-        width); a layer after that which is affine in its input with one matrix
-        (`_affine_input_columns`) gets a rank-one update instead of a forward
-        pass, before the rows go on.
+        When the layer's hook `_affine_param_change` says which output columns
+        moving one entry changes (Dense: one; Conv2D: every position of one
+        output channel), and the next layer is elementwise, only those columns
+        are pushed through it instead of the whole width; a layer after that
+        which is affine in its input with one matrix (`_affine_input_columns`)
+        gets a low-rank update instead of a forward pass, before the rows go on.
         """
         after = index + 1
         change = None
         if after < len(self.leaves) and self._column_wise(after):
             change = self._affine_change(index, name, coords, steps)
         if change is None:
-            return self.run(after, self.param_outputs(index, name, coords, steps))
+            y_out, reach = self.run(after, self.param_outputs(index, name, coords, steps))
+            return y_out, reach | self.inner_reach(index, name, zip(coords, steps,
+                                                                    strict=True))
         groups = len(coords)
-        rows, delta = change
-        base = self.acts[after][:, rows].T  # (G, B): the unperturbed column of each group
+        rows, delta = change  # (G, k), (G, B, k)
+        base = np.moveaxis(self.acts[after][:, rows], 0, 1)  # (G, B, k): unperturbed columns
         moved = base + delta
-        reach = _crossed(moved, base, self.kinks[after])
+        reach = self.crossed(after, moved, base).any(axis=2)
         activated = self.leaves[after].work._call_forward(moved.reshape(-1, 1))[0]
-        activated = activated.reshape(groups, self.batch)
+        activated = activated.reshape(moved.shape)
         following = after + 1
         columns = None
-        if (following < len(self.leaves) and not self.kinks[following]
+        if (following < len(self.leaves) and not self.kinked[following]
                 and following not in self.untrusted):
-            columns = self.leaves[following].work._affine_input_columns(rows)
+            columns = self.leaves[following].work._affine_input_columns(rows.reshape(-1))
         if columns is not None:
             # Column j of its input moved by c, so its output moves by c M[:, j]: no pass.
-            moved_by = activated - self.acts[following][:, rows].T
+            moved_by = activated - np.moveaxis(self.acts[following][:, rows], 0, 1)
             out = np.repeat(self.acts[following + 1][None], groups, axis=0)
-            out += moved_by[:, :, None] * columns[:, None, :]
+            columns = columns.reshape(groups, rows.shape[1], -1)
+            out += np.einsum("gbk,gkm->gbm", moved_by, columns)
             y_out, deeper = self.run(following + 1, out)
             return y_out, reach | deeper
         out = np.repeat(self.acts[following][None], groups, axis=0)
-        out[np.arange(groups), :, rows] = activated
+        _columns_of(out)[np.arange(groups)[:, None], rows] = np.swapaxes(activated, 1, 2)
         y_out, deeper = self.run(following, out)
         return y_out, reach | deeper
 
     def _affine_change(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
-        """The hook `Layer._affine_param_change` of leaf `index` at its cached input."""
+        """The hook `Layer._affine_param_change` of leaf `index` at its cached input, as
+        `(rows (G, k), delta (G, B, k))` (a hook may give one column per perturbation)."""
         if index in self.untrusted:
             return None
         work = self.leaves[index].work
-        return work._affine_param_change(self.acts[index], name, coords, steps)
+        change = work._affine_param_change(self.acts[index], name, coords, steps)
+        if change is None:
+            return None
+        return affine_change_columns(change, len(coords), self.batch)
 
     def param_outputs(self, index: int, name: str, coords: np.ndarray, steps: np.ndarray):
         """Outputs (G, B, m) of leaf `index` with `params[name].flat[coords[g]] += steps[g]`."""
@@ -190,7 +253,7 @@ class _Evaluator:
         if change is not None:
             out = np.repeat(y[None], groups, axis=0)
             rows, delta = change
-            out[np.arange(groups), :, rows] += delta
+            _columns_of(out)[np.arange(groups)[:, None], rows] += np.swapaxes(delta, 1, 2)
             return out
         out = np.empty((groups, *y.shape))
         flat = work.params[name].reshape(-1)  # a view: the copy is C-contiguous
@@ -303,6 +366,7 @@ class _Differences:
     dminus: np.ndarray  # L(p-h) - L(p)
     reach: np.ndarray  # a kinked layer's input crossed a kink
     steps: np.ndarray  # h
+    richardson: bool = False  # `numeric` is already extrapolated
 
 
 def _combine(d: dict, h: np.ndarray, richardson: bool, reach) -> _Differences:
@@ -310,7 +374,8 @@ def _combine(d: dict, h: np.ndarray, richardson: bool, reach) -> _Differences:
     if richardson:
         half = (d[0.5] - d[-0.5]) / h
         central = (4 * half - central) / 3
-    return _Differences(central, d[1.0] / h, -d[-1.0] / h, d[1.0], d[-1.0], reach, h)
+    return _Differences(central, d[1.0] / h, -d[-1.0] / h, d[1.0], d[-1.0], reach, h,
+                        richardson)
 
 
 def _step(richardson: bool) -> float:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ShapeError
-from .differences import _Evaluator
+from .differences import _Evaluator, affine_change_columns
 from .reports import CheckEntry, _entry
 from .tolerance import _EPS, _FLOOR, _HOOK_SAMPLES, _LAYER_NOISE, CENTRAL_STEP
 
@@ -72,7 +72,7 @@ def _verify_hooks(ev: _Evaluator, rtol: float, atol: float | None, rng: np.rando
         found = [_param_hook_entry(ev, index, name, x, y0, rtol, atol, rng, used_only)
                  for name in leaf.work.params]
         if not used_only or (index >= 2 and ev._column_wise(index - 1)
-                             and not ev.kinks[index]):
+                             and not ev.kinked[index]):
             found.append(_input_hook_entry(ev, index, x, y0, rtol, atol, rng, used_only))
         for entry, points in filter(None, found):
             cost += points  # one layer pass per sampled coordinate
@@ -105,11 +105,13 @@ def _param_hook_entry(ev, index, name, x, y0, rtol, atol, rng, failures_only):
     if change is None:
         return None
     groups, batch = coords.size, x.shape[0]
-    rows, delta = change
     claimed = np.zeros((groups, *y0.shape))
 
     def fill():
-        claimed[np.arange(groups), :, np.asarray(rows)] = np.broadcast_to(delta, (groups, batch))
+        # Either form of the answer (one column per perturbation, or several).
+        rows, delta = affine_change_columns(change, groups, batch)
+        claimed[np.arange(groups)[:, None, None], np.arange(batch)[None, :, None],
+                rows[:, None, :]] = delta
         return claimed
 
     _claimed(leaf, "_affine_param_change", claimed.shape, fill)

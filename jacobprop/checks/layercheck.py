@@ -166,6 +166,11 @@ def _dot_entry(name, type_name, jvp, vjp, shape, rounding_of, dtype, rng) -> Che
                       discrepancy, relative, None, lhs, rhs, discrepancy <= tol)
 
 
+def _summed_coupling(dense: np.ndarray) -> np.ndarray:
+    """`(B, m, k)` from a parameter Jacobian's dense form, `(B, m, B, k)` when coupled."""
+    return dense.sum(axis=2) if dense.ndim == 4 else dense
+
+
 def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False,
                 rtol: float | None = None, atol: float | None = None,
                 raise_on_fail: bool = False, rng: np.random.Generator | None = None
@@ -252,8 +257,16 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
             f"{'(B, m, B, n)' if coupled else '(B, m, n)'} = {dense_shape} "
             f"(couples_samples={coupled}), got {dense.shape}")
     param_jacs = layer._call_param_jacobians(cache)
-    param_dense = {key: np.asarray(op.to_dense(), dtype=np.float64)
-                   for key, op in param_jacs.items()}
+    # A coupled chain's dy/dp is (B, m, B, k), one block per sample whose use of the
+    # shared parameter moved y_i: dy_i/dp is the sum over that second batch axis.
+    # |dy/dp| keeps the size of the cross-sample terms the sum may cancel (a bias before a
+    # train-mode BatchNorm: exactly 0): the rounding of the products is relative to them.
+    param_abs = {}
+    param_dense = {}
+    for key, op in param_jacs.items():
+        full = np.asarray(op.to_dense(), dtype=np.float64)
+        param_dense[key] = _summed_coupling(full)
+        param_abs[key] = _summed_coupling(np.abs(full))
     locate = {leaf.keys[name]: (index, name)
               for index, leaf in enumerate(leaves) for name in leaf.keys}
 
@@ -352,7 +365,7 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     for key, pd in param_dense.items():
         entries.append(_consistency_entry(
             f"vjp d{key}", type_name, "vjp vs Jacobian", grads[key],
-            np.einsum("bm,bmk->k", g64, pd), np.einsum("bm,bmk->k", np.abs(g64), np.abs(pd)),
+            np.einsum("bm,bmk->k", g64, pd), np.einsum("bm,bmk->k", np.abs(g64), param_abs[key]),
             0.0, dtype, np.shape(grads[key])))
     entries.append(_consistency_entry(
         "jvp", type_name, "jvp vs Jacobian", layer._call_jvp(cache, _own_dtype(v, y)),

@@ -24,7 +24,7 @@ from .differences import (
     numerical_jacobian,
 )
 from .hooks import _verify_hooks
-from .kinks import _coordinate_points, _judge, _kink_interval
+from .kinks import _central, _coordinate_points, _judge, _kink_interval, _Probe
 from .layercheck import check_layer
 from .reports import GradcheckReport, _entry
 from .tolerance import (
@@ -61,7 +61,10 @@ def _analytic(where, seq: Sequential, x, t, loss: Loss, mode: str):
         gx, grads = seq._call_vjp(cache, g, True)
     else:
         _, grads = seq.value_and_grad(x, t, loss, mode="jacobian")
-        gx = (loss.jacobian(y, t) @ seq._call_jacobian(cache)).to_dense()[:, 0, :]
+        # dL/dx_c = sum_i (dL/dy_i) (dy_i/dx_c): the summed vjp of a unit covector, which
+        # reads (B, 1, n) blocks and a coupled (B, 1, B, n) operator alike.
+        covector = loss.jacobian(y, t) @ seq._call_jacobian(cache)
+        gx = covector._call_vjp(np.ones((y.shape[0], 1), dtype=covector.dtype))
     _check_gradient_shapes(where, f"the {mode} backward of {type(seq).__name__}", grads,
                            seq.params)
     analytic = dict(grads)
@@ -263,7 +266,13 @@ def _full_entry(ev, losses, key, index, name, a, diff, step, rtol, atol, floor, 
         start, plus, minus = _coordinate_points(ev, index, name, coord, hs[coord])
         return _kink_interval(ev, losses, start, plus, minus, hs[coord], budget)
 
-    passed, accepted, cost = _judge(flat_a, diff, tol, slack_unit, floor, losses, split)
+    def half(coord):
+        step = hs[coord] / 2
+        start, plus, minus = _coordinate_points(ev, index, name, coord, step)
+        return _central(ev, losses, start, plus, minus, step), 2
+
+    passed, accepted, cost = _judge(flat_a, diff, tol, slack_unit, floor, losses,
+                                    _Probe(split, half))
     return _entry(key, label, type_name, "finite differences", flat_a, numeric, tol, floor,
                   passed, accepted, a.shape), cost
 
@@ -274,9 +283,10 @@ def _fast_entry(ev, losses, key, index, name, a, step, richardson, rtol, atol, f
     analytic, tol = [], []
     d = {s: np.empty(_DIRECTIONS) for s in _scales(richardson)}
     reach = np.zeros(_DIRECTIONS, dtype=bool)
-    splits = []
+    splits, directions = [], []
     for j in range(_DIRECTIONS):
         direction = _random_direction(rng, base_point)
+        directions.append(direction)
         rows = {}
         for s in d:
             start, point = ev.direction_point(index, name, s * step * direction)
@@ -284,7 +294,8 @@ def _fast_entry(ev, losses, key, index, name, a, step, richardson, rtol, atol, f
             d[s][j] = losses.diffs(losses.per_sample(y))[0]
             rows[s] = (start, point)
             if abs(s) == 1.0:
-                reach[j] |= crossed.any()
+                reach[j] |= crossed.any() or ev.inner_reach(
+                    index, name, [s * step * direction]).any()
         splits.append((rows[1.0][0], rows[1.0][1], rows[-1.0][1]))
         terms = a * direction
         analytic.append(terms.sum())
@@ -305,7 +316,13 @@ def _fast_entry(ev, losses, key, index, name, a, step, richardson, rtol, atol, f
         start, plus, minus = splits[j]
         return _kink_interval(ev, losses, start, plus, minus, step, budget)
 
-    passed, accepted, cost = _judge(analytic, diff, tol, slack_unit, floor, losses, split)
+    def half(j):
+        start, plus = ev.direction_point(index, name, 0.5 * step * directions[j])
+        _, minus = ev.direction_point(index, name, -0.5 * step * directions[j])
+        return _central(ev, losses, start, plus, minus, step / 2), 2
+
+    passed, accepted, cost = _judge(analytic, diff, tol, slack_unit, floor, losses,
+                                    _Probe(split, half))
     entry = _entry(key, label, type_name, "directional", analytic, numeric, tol, floor, passed,
                    accepted, (_DIRECTIONS,))
     entry.size = int(a.size)

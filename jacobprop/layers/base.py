@@ -8,7 +8,11 @@ validate and delegate to the private ones; internal code (Sequential, the
 checkers, the testing kit) calls `_call_<method>`, bound once per class to the
 private method or to a subclass's public override (`jacobprop.dispatch`).
 Two optional hooks, `_affine_param_change` and `_affine_input_columns`, let
-the finite-difference checkers skip forward passes for affine layers.
+the finite-difference checkers skip forward passes for affine layers; three
+more, `_kink_crossed`, `_kink_rates` and `_kink_distance`, are the one kink
+rule's view of a layer (they read `kinks` by default; MaxPool2D's ties and the
+kinks inside a Residual block override them). `sublayers()` shows the layers
+a composite is built from, so modes and the testing kit reach inside it.
 """
 
 from __future__ import annotations
@@ -145,6 +149,15 @@ class Layer:
         if arrays:
             raise ValueError(f"{self._where}: keeps no state arrays, got {sorted(arrays)}")
 
+    def sublayers(self) -> tuple[Layer, ...]:
+        """The layers this one is built from, in running order (`()` for a leaf).
+
+        `Sequential` gives its layers, `Residual` its block; a custom composite
+        overrides it so that `Sequential.train()`/`.eval()` and the testing kit
+        (`jacobprop.testing.checkable`) reach every layer inside it.
+        """
+        return ()
+
     def update_state(self, cache) -> None:
         """Write state that a train-mode forward computed into its cache (BatchNorm's
         running statistics). The forward pass never mutates a layer; only the
@@ -243,6 +256,74 @@ class Layer:
     def _jacobian(self, cache) -> Jacobian:
         raise NotImplementedError(f"{type(self).__name__} must implement _jacobian")
 
+    # ---- the kink rule's hooks (jacobprop.checks.kinks, jacobprop.testing) ------
+    @property
+    def has_kinks(self) -> bool:
+        """Whether the derivative jumps somewhere: at input values (`kinks`) or at ties."""
+        return bool(self.kinks) or self.tie_kinks
+
+    def _kink_crossed(self, z: np.ndarray, z0: np.ndarray, reference=None) -> np.ndarray:
+        """Mask, shaped like `z` `(..., w)`, of the entries that moved from `z0` onto or
+        across a kink: the one test every checker applies to this layer's input.
+
+        This default reads `kinks`: entry j crossed when `(z_j - k)` and `(z0_j - k)`
+        differ in sign or the first is 0, and `z_j != z0_j`. A layer whose kinks
+        are not input values (MaxPool2D's ties) overrides it. `reference`, for a
+        composite with kinks inside (Residual), is a copy of the layer at the
+        unperturbed parameters: its inner pass at `z0` is the base to compare with.
+        """
+        return _crossed_values(z, z0, self.kinks)
+
+    def _kink_rates(self, z0: np.ndarray, zp: np.ndarray, zm: np.ndarray, crossed, h: float):
+        """Bounds on the rates of the outputs a kink makes ambiguous, for the kink rule.
+
+        Parameters
+        ----------
+        z0, zp, zm : ndarray `(B, w)`
+            The input at `t = 0`, `+h` and `-h` along a perturbation.
+        crossed : ndarray `(B, w)` bool
+            `_kink_crossed` of `zp` or `zm` against `z0`.
+        h : float
+
+        Returns
+        -------
+        None or (kinked, lo, hi, evaluations)
+            `kinked` `(B, m)` marks the outputs whose derivative along `t` depends
+            on the convention at a kink; `lo`, `hi` `(count,)` bound `da_o/dt`
+            for them in `np.argwhere(kinked)` order over every convention and
+            both sides of `t = 0`; `evaluations` counts the forward rows spent.
+            This default serves an elementwise layer (the rate `dz_c/dt` on
+            either side times the activation's one-sided slopes at `z_c`,
+            measured over the perturbation's reach); None (no split) otherwise.
+        """
+        if not self.elementwise:
+            return None
+        elements = np.argwhere(crossed)
+        count = len(elements)
+        sample, feature = elements.T
+        pick = np.arange(count)
+        rates = np.stack([(zp - z0)[sample, feature] / h, -(zm - z0)[sample, feature] / h])
+        reach = np.maximum(np.abs(zp - z0), np.abs(zm - z0))[sample, feature]
+        rows = np.repeat(z0[None], 2 * count, axis=0)
+        rows[pick, sample, feature] += reach
+        rows[count + pick, sample, feature] -= reach
+        batch = z0.shape[0]
+        out = self._call_forward(rows.reshape(2 * count * batch, -1))[0]
+        out = out.reshape(2 * count, batch, -1)
+        base = self._call_forward(z0)[0][sample, feature]
+        slopes = np.stack([(out[pick, sample, feature] - base) / reach,
+                           (base - out[count + pick, sample, feature]) / reach])
+        products = np.stack([r * s for r in rates for s in slopes])
+        return crossed, products.min(axis=0), products.max(axis=0), 2 * count + 1
+
+    def _kink_distance(self, z: np.ndarray) -> np.ndarray:
+        """`(B, w)`: how far each input entry may move (the others held) before it can
+        reach a kink; inf where it cannot. The strategies keep it above `margin * gain`."""
+        z = np.asarray(z, dtype=np.float64)
+        if not self.kinks:
+            return np.full(z.shape, np.inf)
+        return np.abs(z[..., None] - np.asarray(self.kinks, dtype=np.float64)).min(axis=-1)
+
     # ---- hooks for cheap finite differences -------------------------------------
     def _affine_param_change(self, x: np.ndarray, name: str, coords: np.ndarray,
                              steps: np.ndarray):
@@ -262,13 +343,19 @@ class Layer:
         None or (rows, delta)
             None (this default) means "no shortcut": the checkers evaluate the
             layer once per perturbation. A layer whose output is affine in
-            every entry of `name`, and whose entry changes exactly one output
-            column, returns `rows` `(G,)` ints and `delta` broadcastable to
-            `(G, B)` such that perturbation g changes `y[:, rows[g]]` by
-            `delta[g]` and leaves every other output as it was (Dense:
-            `W[j, k] + h` moves column j by `h x[:, k]`). The finite-difference
-            checkers then never call the forward pass for these perturbations,
-            so the rule must hold exactly for the layer's own forward.
+            every entry of `name` returns the output columns each perturbation
+            changes and by how much, leaving every other output as it was:
+            either `rows` `(G,)` ints with `delta` broadcastable to `(G, B)`
+            (one column each: perturbation g changes `y[:, rows[g]]` by
+            `delta[g]`; Dense: `W[j, k] + h` moves column j by `h x[:, k]`), or
+            `rows` `(G, k)` of distinct columns with `delta` broadcastable to
+            `(G, B, k)` (perturbation g changes `y[:, rows[g, c]]` by
+            `delta[g, :, c]`; Conv2D: `W[o, c, i, j] + h` moves every position
+            p of channel o by `h` times the patch entry `x[c, p + (i, j)]`).
+            `jacobprop.checks.differences.affine_change_columns` reads both.
+            The finite-difference checkers then never call the forward pass
+            for these perturbations, so the rule must hold exactly for the
+            layer's own forward.
         """
         return None
 
@@ -382,6 +469,15 @@ class Layer:
         return check_batch_matrix(
             g, where=self._where, name="g", features=expected[1], batch=expected[0]
         )
+
+
+def _crossed_values(z: np.ndarray, z0: np.ndarray, kinks) -> np.ndarray:
+    """`Layer._kink_crossed` for kinks at input values: `z` `(..., w)` against `z0`."""
+    hit = np.zeros(np.shape(z), dtype=bool)
+    for kink in kinks:
+        # sign(z - k) sign(z0 - k) <= 0, without taking the sign of the large array.
+        hit |= (z - kink) * np.sign(z0 - kink) <= 0
+    return hit & (z != z0)
 
 
 def _first_forward(self, x):

@@ -185,6 +185,20 @@ class Conv2D(SpatialLayer):
             gx = self.geometry.transposed_conv(self._matrix_w(), g)
         return gx, grads
 
+    def _affine_param_change(self, x, name, coords, steps):
+        # W[o, c, i, j] + h moves channel o at every position by h times the matching row
+        # of the im2col columns; b[o] + h moves it by h. See Layer._affine_param_change.
+        if not self._own_forward_is(Conv2D):
+            return None
+        positions = self.geometry.positions
+        if name == "W":
+            channel, entry = np.divmod(coords, self.params["W"][0].size)
+            patches = self.geometry.columns(x)[entry]  # (G, B*L)
+            delta = steps[:, None, None] * patches.reshape(len(coords), x.shape[0], positions)
+        else:
+            channel, delta = coords, steps[:, None, None]
+        return channel[:, None] * positions + np.arange(positions), delta
+
     def _jvp(self, cache, v):
         rows = self._matrix_w() @ self.geometry.columns(v)
         return from_channel_rows(rows, v.shape[0], self.geometry.positions)

@@ -55,9 +55,10 @@ class Dropout(Layer):
     @classmethod
     def example(cls, input_dim, *, rng, dtype=np.float64):
         layer = cls(float(rng.uniform(0.1, 0.6)), rng=np.random.default_rng(rng.integers(2**32)))
-        # Eval mode here: a train-mode forward draws a new mask per call, which the
-        # deterministic contract checks refuse; tests/test_layers_dropout.py checks train
-        # mode with the mask held fixed.
+        # Eval mode here: every registry-driven test may call the example twice and expect
+        # one function. Train mode is covered on its own in tests/test_contract.py: every
+        # checker refuses it clearly, `jacobprop.testing.checkable` switches it to eval
+        # mode, and its maths is checked against finite differences with the mask fixed.
         layer.training = False
         return layer
 

@@ -271,10 +271,9 @@ class BatchNorm(_Norm):
         layer = super().example(input_dim, rng=rng, dtype=dtype)
         layer.running_mean[...] = rng.standard_normal(input_dim)
         layer.running_var[...] = rng.uniform(0.5, 2.0, input_dim)
-        # Eval mode here: the per-sample contract checks apply to it as to any layer.
-        # Train mode couples samples; tests/test_layers_norm.py checks it against finite
-        # differences of the whole batch until the testing kit checks coupling itself.
-        layer.training = False
+        # Train mode (the default): the batch-coupled Jacobian is what the registry-driven
+        # contract tests must see; the testing kit checks the declared coupling. Eval mode
+        # is covered by tests/test_contract.py on `example(...).eval()`-style copies.
         return layer
 
     def __repr__(self):

@@ -119,6 +119,84 @@ class MaxPool2D(_Pool2D):
             return np.full(values.shape[:2], np.inf)
         return values[:, :, -1] - values[:, :, -2]
 
+    def _crossed_windows(self, z, z0):
+        """`(crossed, at, winner)`: window j crossed when some other entry reached its first
+        maximum at `z0` (`x_k >= x_w`), or when it was tied at `z0` and moved; `crossed`
+        and `at` (the flat index of w) `(..., B, m)`, `winner` `(B, m)` (w's offset)."""
+        windows = self._windows_checked()
+        winner = np.argmax(z0[:, windows], axis=2)  # the first maximum, as the forward's
+        at = np.broadcast_to(windows[np.arange(len(windows)), winner], z.shape[:-1]
+                             + (len(windows),))
+        top = np.take_along_axis(z, at, axis=-1)
+        crossed = np.zeros(top.shape, dtype=bool)
+        tied = self.tie_gaps(z0) == 0
+        moved = np.zeros(top.shape, dtype=bool) if tied.any() else None
+        for k in range(windows.shape[1]):
+            entry = z[..., windows[:, k]]
+            crossed |= (entry >= top) & (winner != k)
+            if moved is not None:
+                moved |= entry != z0[:, windows[:, k]]
+        if moved is not None:
+            crossed |= tied & moved
+        return crossed, at, winner
+
+    def _kink_crossed(self, z, z0, reference=None):
+        """A tie is a kink in the difference of two inputs (see `_crossed_windows`); the
+        first maximum at `z0` of each crossed window is marked (the checkers read which
+        samples reached a kink). `z` `(..., B, n)`, `z0` `(B, n)`."""
+        hit = np.zeros(np.shape(z), dtype=bool)
+        if self._windows_checked().shape[1] < 2:
+            return hit
+        crossed, at, _ = self._crossed_windows(z, z0)
+        if self._overlapping:
+            rows = np.arange(hit.size // hit.shape[-1])[:, None]
+            np.logical_or.at(hit.reshape(-1, hit.shape[-1]), (rows, at.reshape(len(rows), -1)),
+                             crossed.reshape(len(rows), -1))
+        else:  # distinct windows: every entry has one window, so no index repeats
+            np.put_along_axis(hit, at, crossed, axis=-1)
+        return hit
+
+    def _kink_rates(self, z0, zp, zm, crossed, h):
+        """A window whose maximum ties (or changes hands) within the step: `dy_j/dt` is the
+        rate of one of the entries that reach its maximum, whichever the convention;
+        bounded by the least and largest of their rates on both sides of `t = 0`."""
+        windows = self._windows_checked()
+        if windows.shape[1] < 2:
+            return None
+        both = np.stack([zp, zm])
+        kinked, at, winner = self._crossed_windows(both, z0)
+        kinked = kinked.any(axis=0)  # (B, m)
+        # Candidates: the first maximum, every entry tied with it at z0, and every entry
+        # that reaches the maximum at +h or -h.
+        values, base = both[..., windows], z0[:, windows]  # (2, B, m, K), (B, m, K)
+        top0 = np.take_along_axis(base, winner[..., None], axis=2)
+        candidates = (base == top0) | (values >= np.take_along_axis(
+            values, np.broadcast_to(winner[..., None], values.shape[:-1] + (1,)), axis=-1)
+        ).any(axis=0)
+        rates = np.stack([(zp - z0)[:, windows] / h, -(zm - z0)[:, windows] / h])
+        lo = np.where(candidates, rates, np.inf).min(axis=(0, 3))
+        hi = np.where(candidates, rates, -np.inf).max(axis=(0, 3))
+        return kinked, lo[kinked], hi[kinked], 0
+
+    def _kink_distance(self, z):
+        """`(B, n)`: half the distance of each entry below its window's maximum (half the
+        gap to the runner-up for the maximum itself), since both ends of a tie move;
+        the least over the windows holding it, inf for an entry in none."""
+        z = np.asarray(z, dtype=np.float64)
+        windows = self._windows_checked()
+        distance = np.full(z.shape, np.inf)
+        if windows.shape[1] < 2:
+            return distance
+        values = z[:, windows]
+        top = values.max(axis=2, keepdims=True)
+        below = top - values
+        gaps = self.tie_gaps(z)[:, :, None]
+        half = 0.5 * np.where(below == 0, gaps, below)
+        for k in range(windows.shape[1]):
+            cols = windows[:, k]
+            distance[:, cols] = np.minimum(distance[:, cols], half[:, :, k])
+        return distance
+
     def _forward(self, x):
         windows = self._windows_checked()
         batch = x.shape[0]

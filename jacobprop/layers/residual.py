@@ -138,6 +138,62 @@ class Residual(Layer):
     def dtype(self):
         return self.block.dtype
 
+    def sublayers(self):
+        return (self.block,)
+
+    # ---- kinks inside the block (the kink rule's hooks, see Layer) -------------------
+    @property
+    def has_kinks(self) -> bool:
+        return any(inner.has_kinks for inner in _chain(self.block))
+
+    def _kink_crossed(self, z, z0, reference=None):
+        """A kink inside the block: its layers run on `z` `(..., B, n)` (with the current
+        parameters) and on `z0` `(B, n)` (with `reference`'s, the unperturbed ones, when
+        given), and each kinked one's own hook says whether its input crossed. The first
+        entry of every sample that reached one is marked (the checkers read which samples
+        did); there is no interval split through a block, only the one-sided bracket."""
+        hit = np.zeros(np.shape(z), dtype=bool)
+        batch = z0.shape[0]
+        current, base = np.reshape(z, (-1, batch, z0.shape[1])), z0
+        chain = _chain(self.block)
+        bases = _chain((reference if reference is not None else self).block)
+        for inner, at_base in zip(chain, bases, strict=True):
+            if inner.has_kinks:
+                reached = inner._kink_crossed(current, base).any(axis=-1)
+                hit[..., 0] |= reached.reshape(hit.shape[:-1])
+            current = np.stack([inner._call_forward(rows)[0] for rows in current])
+            base = at_base._call_forward(base)[0]
+        return hit
+
+    def _kink_rates(self, z0, zp, zm, crossed, h):
+        """For every output of a sample that reached a kink inside the block, `do_c/dt =
+        dz_c/dt + d block_c/dt`: the first from the step on either side, the second bounded
+        over every convention by the interval chain rule run through the block's own
+        layers (`jacobprop.checks.kinks`); the one-sided slopes where it finds no kink."""
+        from ..checks.differences import _Evaluator, _flatten  # the checks import layers
+        from ..checks.kinks import _kink_interval, _Output
+        from ..checks.tolerance import _SPLIT_BUDGET
+
+        samples = np.flatnonzero(crossed.any(axis=1))
+        width = z0.shape[1]
+        kinked = np.zeros((z0.shape[0], width), dtype=bool)
+        kinked[samples] = True
+        ev = _Evaluator(_flatten(self.block, ""), z0)
+        out0 = ev.acts[-1]
+        budget = [_SPLIT_BUDGET // 4]
+        lo, hi = [], []
+        for sample in samples:
+            for c in range(width):
+                rates = ((zp - z0)[sample, c] / h, -(zm - z0)[sample, c] / h)
+                found = _kink_interval(ev, _Output(out0, sample, c), 0, zp, zm, h, budget)
+                if found is None:
+                    ends = [(ev.run(0, zp[None])[0][0, sample, c] - out0[sample, c]) / h,
+                            (out0[sample, c] - ev.run(0, zm[None])[0][0, sample, c]) / h]
+                    found = (min(ends), max(ends))
+                lo.append(min(rates) + found[0])
+                hi.append(max(rates) + found[1])
+        return kinked, np.array(lo), np.array(hi), _SPLIT_BUDGET // 4 - budget[0]
+
     def update_state(self, cache) -> None:
         self.block.update_state(cache.block)
 
@@ -201,3 +257,11 @@ class Residual(Layer):
         if isinstance(self.block, Sequential):
             return _block_second_vjp(self.block, cache.block, g, v, tangents, need_input)
         return self.block._second_vjp(cache.block, g, v, tangents, need_input)
+
+def _chain(block: Layer) -> list[Layer]:
+    """The layers `block` runs one after the other: a (nested) Sequential's, else itself."""
+    from ..network import Sequential  # the network module imports the layers
+
+    if isinstance(block, Sequential):
+        return [leaf for inner in block.layers for leaf in _chain(inner)]
+    return [block]

@@ -196,7 +196,11 @@ def assert_layer_correct(layer: Layer, x=None, *, rtol: float | None = None,
         )
     refuse_stochastic("assert_layer_correct", layer)
     rng = np.random.default_rng(0) if rng is None else rng
-    contract = _Contract(repr(layer), rtol, atol)
+    label = repr(layer)
+    if not label.startswith(type(layer).__name__):
+        # A subclass inheriting its parent's repr is named by its own class.
+        label = f"{type(layer).__name__}: {label}"
+    contract = _Contract(label, rtol, atol)
     reference = cast_layer(layer, _FLOAT64)
     if x is None:
         points = []

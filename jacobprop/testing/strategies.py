@@ -7,8 +7,9 @@ drift from the registries: a newly registered layer is drawn the moment it is
 registered.
 
 Inputs keep clear of the places where finite differences mean nothing: every
-input to a layer with `kinks` is far enough from each kink that no input or
-parameter moved by less than `margin` carries it across (its distance is at
+input to a layer with kinks (`kinks`, or MaxPool2D's ties, measured by the layer's
+`_kink_distance`) is far enough from each kink that no input or parameter moved
+by less than `margin` carries it across (its distance is at
 least `margin` times its largest derivative in the inputs and parameters, the
 "gain"; the first layer's entries simply keep `margin`), and every input to a
 layer with a `saturation` lies within `|z| <= saturation`. For a network this
@@ -37,6 +38,7 @@ __all__ = [
     "LayerInputs",
     "flatten_layers",
     "checkable",
+    "per_sample",
     "kink_distances",
     "input_problems",
     "draw_input",
@@ -97,9 +99,11 @@ def kink_distances(layer: Layer, x: np.ndarray) -> list[LayerInputs]:
     Returns
     -------
     list of LayerInputs
-        One entry per leaf layer with `kinks` or `saturation`, in running
-        order: its input `z` `(B, w)`, `distance = min_k |z - kink_k|` (inf
-        for a layer without kinks) and the `gain` of every entry.
+        One entry per leaf layer with kinks (`Layer.has_kinks`) or a
+        `saturation`, in running order: its input `z` `(B, w)`, the layer's
+        `_kink_distance(z)` (`min_k |z - kink_k|` for value kinks; for
+        MaxPool2D's ties half the distance below the window's maximum; inf
+        without kinks) and the `gain` of every entry.
 
     Notes
     -----
@@ -114,13 +118,9 @@ def kink_distances(layer: Layer, x: np.ndarray) -> list[LayerInputs]:
     found = []
     z = np.asarray(x)
     for position, leaf in enumerate(leaves):
-        cls = type(leaf)
-        if cls.kinks or cls.saturation is not None:
-            if cls.kinks:
-                kinks = np.asarray(cls.kinks, dtype=np.float64)
-                distance = np.abs(z[:, :, None] - kinks).min(axis=2)
-            else:
-                distance = np.full(z.shape, np.inf)
+        if leaf.has_kinks or type(leaf).saturation is not None:
+            # The layer's own hook: value kinks, or MaxPool2D's ties (half the gap).
+            distance = leaf._kink_distance(z)
             gain = np.ones(z.shape) if position == 0 else _gains(leaves[:position], x)
             found.append(LayerInputs(position, leaf, z, distance, gain))
         z = leaf._call_forward(leaf._check_input(z))[0]
@@ -157,7 +157,8 @@ def input_problems(layer: Layer, x: np.ndarray, margin: float = DEFAULT_MARGIN) 
         near = _first_flagged(item, item.distance < margin * item.gain)
         if near is not None:
             where, gain = near
-            problems.append(f"{where} is within {margin} * gain {gain:.3g} of a kink {cls.kinks}")
+            kinks = cls.kinks if cls.kinks else "(a tie in its window)"
+            problems.append(f"{where} is within {margin} * gain {gain:.3g} of a kink {kinks}")
         if cls.saturation is not None:
             beyond = _first_flagged(item, item.live & (np.abs(item.z) > cls.saturation))
             if beyond is not None:
@@ -263,7 +264,7 @@ def _chosen(where: str, registry: dict, names) -> list[str]:
 
 @st.composite
 def layers(draw, input_dim: int | None = None, *, names=None, dtype=np.float64,
-           max_dim: int = 5) -> Layer:
+           max_dim: int = 5, coupled: bool = False) -> Layer:
     """A registered layer built with `Layer.example` (stochastic ones in eval mode).
 
     Parameters
@@ -276,29 +277,53 @@ def layers(draw, input_dim: int | None = None, *, names=None, dtype=np.float64,
         read at every draw, so a layer registered later is drawn too).
     dtype : floating dtype
     max_dim : int
+    coupled : bool
+        Keep layers that couple samples (train-mode BatchNorm) as their example
+        builds them; by default they are switched to eval mode (`per_sample`), so
+        every drawn layer has block-diagonal Jacobians, as most properties assume.
     """
     name = draw(st.sampled_from(_chosen("layers", LAYERS, names)))
     width = input_dim if input_dim is not None else draw(st.integers(1, max_dim))
     rng = np.random.default_rng(draw(seeds()))
-    return checkable(LAYERS[name].example(width, rng=rng, dtype=dtype))
+    layer = checkable(LAYERS[name].example(width, rng=rng, dtype=dtype))
+    return layer if coupled else per_sample(layer)
+
+
+def _walk(layer: Layer):
+    """`layer` and every layer inside it, through `Layer.sublayers()`."""
+    yield layer
+    for inner in layer.sublayers():
+        yield from _walk(inner)
 
 
 def checkable(layer: Layer) -> Layer:
-    """`layer`, switched to eval mode when its forward pass draws random numbers.
+    """`layer`, with every stochastic layer in it switched to eval mode.
 
     The checkers refuse a stochastic layer (a new mask per evaluation makes
     every difference quotient meaningless); in eval mode Dropout is the
     identity and checkable. Every layer the strategies draw goes through this.
+    It reaches inside every composite (`Layer.sublayers()`: nested stacks,
+    Residual blocks) and switches only the leaves that draw random numbers,
+    so a train-mode BatchNorm beside a Dropout stays in train mode.
     """
-    for leaf in flatten_layers(layer):
-        if leaf.stochastic:
-            leaf.training = False
+    for inner in _walk(layer):
+        if not inner.sublayers() and inner.stochastic:
+            inner.training = False
+    return layer
+
+
+def per_sample(layer: Layer) -> Layer:
+    """`layer`, with every leaf that couples samples (train-mode BatchNorm) in eval mode."""
+    for inner in _walk(layer):
+        if not inner.sublayers() and inner.couples_samples:
+            inner.training = False
     return layer
 
 
 @st.composite
 def sequentials(draw, min_depth: int = 1, max_depth: int = 4, widths=(1, 5), *,
-                names=None, dtype=np.float64, nested: bool = True) -> Sequential:
+                names=None, dtype=np.float64, nested: bool = True,
+                coupled: bool = False) -> Sequential:
     """A `Sequential` of `min_depth..max_depth` registered layers.
 
     Parameters
@@ -313,6 +338,8 @@ def sequentials(draw, min_depth: int = 1, max_depth: int = 4, widths=(1, 5), *,
     nested : bool
         Sometimes wrap a run of layers in an inner `Sequential`, which must
         behave exactly like the flat stack.
+    coupled : bool
+        As for `layers`: keep train-mode BatchNorm coupling the samples.
 
     Notes
     -----
@@ -327,7 +354,8 @@ def sequentials(draw, min_depth: int = 1, max_depth: int = 4, widths=(1, 5), *,
     stack = []
     for _ in range(depth):
         layer = LAYERS[draw(st.sampled_from(chosen))].example(width, rng=rng, dtype=dtype)
-        stack.append(checkable(layer))
+        layer = checkable(layer)
+        stack.append(layer if coupled else per_sample(layer))
         width = layer.output_dim(width)
     if nested and depth >= 2 and draw(st.booleans()):
         start = draw(st.integers(0, depth - 2))
