@@ -79,3 +79,29 @@ def check_batch_matrix(
     ):
         raise ShapeError(f"{where}: `{name}` must have shape {expected}, got {array.shape}")
     return array
+
+
+def check_rng(rng, *, where: str) -> np.random.Generator:
+    """`rng` itself, or a fresh unseeded generator for None; anything else is a TypeError."""
+    if rng is None:
+        return np.random.default_rng()
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"{where}: `rng` must be a numpy.random.Generator, got {type(rng).__name__}"
+        )
+    return rng
+
+
+def check_float_dtype(dtype, *, where: str) -> np.dtype:
+    """`dtype` as a numpy dtype, which must be floating (float32, float64, ...)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise TypeError(f"{where}: `dtype` must be a floating dtype, got {dtype}")
+    return dtype
+
+
+def check_positive_int(value, *, where: str, name: str) -> int:
+    """`value` as an int >= 1 (a bool is not an integer here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{where}: `{name}` must be a positive integer, got {value!r}")
+    return int(value)

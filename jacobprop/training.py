@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ShapeError
+from .errors import ShapeError, check_positive_int, check_rng
 from .losses import Loss
 from .network import Sequential
 from .optim import Optimizer
@@ -324,12 +324,8 @@ def _plan(net, X, T, loss, optimizer, epochs, batch_size, rng, validation, clip_
         raise TypeError(f"fit: `optimizer` must be a jacobprop Optimizer (jp.SGD, jp.Adam), "
                         f"got {type(optimizer).__name__}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"fit: `{name}` must be a positive integer, got {value!r}")
-    if rng is None:
-        rng = np.random.default_rng()
-    elif not isinstance(rng, np.random.Generator):
-        raise TypeError(f"fit: `rng` must be a numpy.random.Generator, got {type(rng).__name__}")
+        check_positive_int(value, where="fit", name=name)
+    rng = check_rng(rng, where="fit")
     if clip_norm is not None and not (np.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"fit: `clip_norm` must be a positive number, got {clip_norm!r}")
     optimizer._check(net.params, net.params)  # the grads of every step share this layout

@@ -41,7 +41,7 @@ import math
 
 import numpy as np
 
-from ..errors import ShapeError
+from ..errors import ShapeError, check_rng
 from ..layers.base import Layer
 from ..losses import Loss
 
@@ -106,13 +106,7 @@ def _resolve_rtol(where: str, dtype, rtol, atol, richardson: bool):
 
 
 def _check_rng(where: str, rng) -> np.random.Generator:
-    if rng is None:
-        return np.random.default_rng()
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            f"{where}: `rng` must be a numpy.random.Generator, got {type(rng).__name__}"
-        )
-    return rng
+    return check_rng(rng, where=where)
 
 
 def _check_layer_argument(where: str, name: str, layer) -> None:

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import check_float_dtype, check_rng
 from ..jacobian import IdentityJacobian
 from ..jacobian_spatial import (
     ConvGeometry,
@@ -87,15 +88,8 @@ class Conv2D(SpatialLayer):
         self.padding = pair(padding, where, "padding", minimum=0)
         self.bias = bool(bias)
         self._geometry = None
-        dtype = np.dtype(dtype)
-        if dtype.kind != "f":
-            raise TypeError(f"Conv2D: `dtype` must be a floating dtype, got {dtype}")
-        if rng is None:
-            rng = np.random.default_rng()
-        elif not isinstance(rng, np.random.Generator):
-            raise TypeError(
-                f"Conv2D: `rng` must be a numpy.random.Generator, got {type(rng).__name__}"
-            )
+        dtype = check_float_dtype(dtype, where="Conv2D")
+        rng = check_rng(rng, where="Conv2D")
         if input_shape is not None:
             self.bind_input_shape(input_shape)
         kh, kw = self.kernel_size

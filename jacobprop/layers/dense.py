@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import check_float_dtype, check_positive_int, check_rng
 from ..jacobian import IdentityJacobian, KroneckerJacobian, SharedJacobian
 from .base import Layer, register_layer
 
@@ -47,17 +48,9 @@ class Dense(Layer):
                  rng: np.random.Generator | None = None, dtype=np.float64):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"Dense: `{name}` must be a positive integer, got {value!r}")
-        dtype = np.dtype(dtype)
-        if dtype.kind != "f":
-            raise TypeError(f"Dense: `dtype` must be a floating dtype, got {dtype}")
-        if rng is None:
-            rng = np.random.default_rng()
-        elif not isinstance(rng, np.random.Generator):
-            raise TypeError(
-                f"Dense: `rng` must be a numpy.random.Generator, got {type(rng).__name__}"
-            )
+            check_positive_int(value, where="Dense", name=name)
+        dtype = check_float_dtype(dtype, where="Dense")
+        rng = check_rng(rng, where="Dense")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.bias = bool(bias)

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import check_rng
 from ..jacobian import DiagonalJacobian, IdentityJacobian
 from .base import Layer, register_layer
 
@@ -43,12 +44,7 @@ class Dropout(Layer):
         super().__init__()
         if isinstance(p, bool) or not np.isscalar(p) or not 0 <= p <= 1:
             raise ValueError(f"Dropout: `p` must be a probability in [0, 1], got {p!r}")
-        if rng is None:
-            rng = np.random.default_rng()
-        elif not isinstance(rng, np.random.Generator):
-            raise TypeError(
-                f"Dropout: `rng` must be a numpy.random.Generator, got {type(rng).__name__}"
-            )
+        rng = check_rng(rng, where="Dropout")
         self.p = float(p)
         self.rng = rng
 

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import check_float_dtype, check_positive_int
 from ..jacobian import DiagonalJacobian, IdentityJacobian
 from ..jacobian_spatial import BatchNormJacobian, DiagonalLowRankJacobian
 from .base import Layer, register_layer
@@ -28,14 +29,10 @@ class _Norm(Layer):
                  dtype=np.float64):
         super().__init__()
         where = type(self).__name__
-        if isinstance(features, bool) or not isinstance(features, (int, np.integer)) \
-                or features < 1:
-            raise ValueError(f"{where}: `features` must be a positive integer, got {features!r}")
+        check_positive_int(features, where=where, name="features")
         if isinstance(eps, bool) or not np.isscalar(eps) or not eps > 0:
             raise ValueError(f"{where}: `eps` must be a positive number, got {eps!r}")
-        dtype = np.dtype(dtype)
-        if dtype.kind != "f":
-            raise TypeError(f"{where}: `dtype` must be a floating dtype, got {dtype}")
+        dtype = check_float_dtype(dtype, where=where)
         self.features = int(features)
         self.eps = float(eps)
         self.affine = bool(affine)

@@ -6,10 +6,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..jacobian import IdentityJacobian
 from ..jacobian_spatial import PoolJacobian, SelectionJacobian, pool_windows
-from .activations import ActivationCache
-from .base import Layer, register_layer
+from .activations import ActivationCache, Identity
+from .base import register_layer
 from .conv import _divisor
 from .spatial import SpatialLayer, as_image_shape, pair
 
@@ -266,37 +265,20 @@ class AvgPool2D(_Pool2D):
 
 
 @register_layer
-class Flatten(Layer):
+class Flatten(Identity):
     """The identity on the raveled layout: `(B, C, H, W)` images become `(B, C*H*W)`.
 
     Inside a network every sample is already its C-order ravel, so this layer
-    changes nothing; it exists so that stacks read as in PyTorch, and it ends
-    the spatial shape (a later layer sees plain features).
+    changes nothing (it inherits every derivative from `Identity`); it exists
+    so that stacks read as in PyTorch, and it ends the spatial shape (a later
+    layer sees plain features).
 
     Notes
     -----
     `dy/dx = I_n` (an `IdentityJacobian`).
     """
 
-    elementwise = True
-
     def _check_input(self, x, where=None):
         if isinstance(x, np.ndarray) and x.ndim > 2:
             x = x.reshape(x.shape[0], -1)
         return super()._check_input(x, where)
-
-    def _forward(self, x):
-        return x, ActivationCache(x, None)
-
-    def _vjp(self, cache, g, need_input):
-        return g, {}
-
-    def _jvp(self, cache, v):
-        return v
-
-    def _jacobian(self, cache):
-        x = cache.x
-        return IdentityJacobian(x.shape[0], x.shape[1], x.dtype)
-
-    def _second_vjp(self, cache, g, v, tangents, need_input=True):
-        return None, {}  # linear
