@@ -23,31 +23,19 @@ from .models import (
     forward_flops,
     relative_deviation,
 )
-from .peers import PeerUnsupported, import_peer
+from .peers import PeerUnsupported, import_jax, import_peer, jax_activation, torch_activation
 from .timing import Case
 from .workloads import JACOBIAN_ORDERS, Group, _float64_twin, _peer_case
 
 __all__ = ["jacobian_group", "ntk_group", "per_sample_group", "curvature_group",
            "numpy_ntk", "numpy_per_sample", "numpy_curvature_product"]
 
-_TORCH_ACTIVATIONS = {"ReLU": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid",
-                      "Softplus": "softplus", "Identity": None, "LeakyReLU": "leaky_relu"}
-
 
 # ---- peers: the same MLP as a function of one sample -----------------------------------
 def _jax_model(spec: MLPSpec, weights):
     """`(jax, jnp, f, params)`: `f(params, x)` maps one sample `(n,)` to `(m,)`."""
-    jax = import_peer("jax")
-    if spec.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    jnp = importlib.import_module("jax.numpy")
-    nn = importlib.import_module("jax.nn")
-    activations = {"ReLU": nn.relu, "Tanh": jnp.tanh, "Sigmoid": nn.sigmoid,
-                   "Softplus": nn.softplus, "Identity": lambda z: z,
-                   "LeakyReLU": lambda z: nn.leaky_relu(z, 0.01)}
-    if spec.activation not in activations:
-        raise PeerUnsupported(f"no jax activation mapped for {spec.activation}")
-    activation = activations[spec.activation]
+    jax, jnp = import_jax(spec.dtype)
+    activation = jax_activation(spec.activation)
 
     def f(params, x):
         h = x
@@ -65,10 +53,7 @@ def _torch_model(spec: MLPSpec, weights):
     """`(torch, f, params)`: `f(params, x)` maps one sample `(n,)` to `(m,)`."""
     torch = import_peer("torch")
     functional = torch.nn.functional
-    if spec.activation not in _TORCH_ACTIVATIONS:
-        raise PeerUnsupported(f"no torch activation mapped for {spec.activation}")
-    name = _TORCH_ACTIVATIONS[spec.activation]
-    activation = (lambda z: z) if name is None else getattr(functional, name)
+    activation = torch_activation(spec.activation)
 
     def f(params, x):
         h = x
