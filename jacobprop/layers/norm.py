@@ -6,8 +6,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..jacobian import DiagonalJacobian, IdentityJacobian
-from ..jacobian_spatial import BatchNormJacobian, DiagonalLowRankJacobian
+from ..jacobian import (
+    BatchNormJacobian,
+    DiagonalJacobian,
+    DiagonalLowRankJacobian,
+    IdentityJacobian,
+)
 from .base import Layer, register_layer
 
 __all__ = ["LayerNorm", "BatchNorm"]

@@ -6,8 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..jacobian import IdentityJacobian
-from ..jacobian_spatial import PoolJacobian, SelectionJacobian, pool_windows
+from ..jacobian import IdentityJacobian, PoolJacobian, SelectionJacobian, pool_windows
 from .activations import ActivationCache
 from .base import Layer, register_layer
 from .conv import _divisor
