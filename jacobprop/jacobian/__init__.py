@@ -9,9 +9,10 @@ package is split along its seams, and every name is re-exported here so
 | module       | what it holds                                                          |
 |--------------|------------------------------------------------------------------------|
 | `base.py`    | `Jacobian` (dispatch, `OWED`), `as_jacobian`, composition, helpers     |
-| `basic.py`   | general, shared, diagonal, identity, softmax, Kronecker, diagonal plus |
-|              | low rank and transposed operators                                      |
-| `spatial.py` | convolution, patches, selection and pooling operators, conv geometry   |
+| `basic.py`   | general, shared, diagonal, identity, softmax, Kronecker and transposed |
+|              | operators                                                              |
+| `spatial.py` | convolution, patches, selection, pooling and diagonal plus low rank    |
+|              | operators, the conv geometry                                           |
 | `coupled.py` | the batch-coupled operators (BatchNorm in train mode, their products,  |
 |              | sums and dense form) and `coupled_dense`                               |
 
@@ -21,42 +22,27 @@ package; they resolve lazily here for the older import path.
 
 from __future__ import annotations
 
-# `base` first: it ends by importing `basic`, which subclasses `Jacobian`. The
-# private names (`X as X`: re-exported) are the ones other jacobprop modules use.
+# `base` first: it ends by importing `basic`, which subclasses `Jacobian`. The private
+# names are re-exported because other jacobprop modules import them from here.
 from .base import (
     Jacobian,
+    _array_of_layout,  # noqa: F401
+    _blocks_to_sparse,  # noqa: F401
+    _check_composable,  # noqa: F401
+    _compose,  # noqa: F401
+    _dense_size,  # noqa: F401
+    _taken_size,  # noqa: F401
     as_jacobian,
-)
-from .base import (
-    _array_of_layout as _array_of_layout,
-)
-from .base import (
-    _blocks_to_sparse as _blocks_to_sparse,
-)
-from .base import (
-    _check_composable as _check_composable,
-)
-from .base import (
-    _compose as _compose,
-)
-from .base import (
-    _dense_size as _dense_size,
-)
-from .base import (
-    _taken_size as _taken_size,
 )
 from .basic import (
     DiagonalJacobian,
-    DiagonalLowRankJacobian,
     GeneralJacobian,
     IdentityJacobian,
     KroneckerJacobian,
     SharedJacobian,
     SoftmaxJacobian,
+    _TransposedJacobian,  # noqa: F401
     softmax_block_product,
-)
-from .basic import (
-    _TransposedJacobian as _TransposedJacobian,
 )
 from .coupled import (
     BatchNormJacobian,
@@ -69,6 +55,7 @@ from .coupled import (
 from .spatial import (
     ConvGeometry,
     ConvJacobian,
+    DiagonalLowRankJacobian,
     PatchesJacobian,
     PoolJacobian,
     SelectionJacobian,

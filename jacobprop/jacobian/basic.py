@@ -6,15 +6,14 @@ never forms a block unless asked with `to_dense()` / `to_sparse()`. These are th
 operators the dense, elementwise and fully connected layers return, kept
 together because their product rules refer to one another.
 
-| class                     | per-sample block            | stored as                    |
-|---------------------------|-----------------------------|------------------------------|
-| `GeneralJacobian`         | anything                    | `(B, m, n)`                  |
-| `SharedJacobian`          | the same `M` for every i    | `(m, n)` once                |
-| `DiagonalJacobian`        | `diag(d_i)`                 | `(B, n)`                     |
-| `IdentityJacobian`        | `I_n`                       | the size only                |
-| `SoftmaxJacobian`         | `diag(s_i) - s_i s_i^T`     | `(B, n)`                     |
-| `KroneckerJacobian`       | `L_i (kron) x_i^T`          | a Jacobian `L` and `(B, q)`  |
-| `DiagonalLowRankJacobian` | `diag(d_i) + U_i V_i^T`     | `(B, n)`, `(B, n, r)` twice  |
+| class                | per-sample block            | stored as                   |
+|----------------------|-----------------------------|-----------------------------|
+| `GeneralJacobian`    | anything                    | `(B, m, n)`                 |
+| `SharedJacobian`     | the same `M` for every i    | `(m, n)` once               |
+| `DiagonalJacobian`   | `diag(d_i)`                 | `(B, n)`                    |
+| `IdentityJacobian`   | `I_n`                       | the size only               |
+| `SoftmaxJacobian`    | `diag(s_i) - s_i s_i^T`     | `(B, n)`                    |
+| `KroneckerJacobian`  | `L_i (kron) x_i^T`          | a Jacobian `L` and `(B, q)` |
 
 and `_TransposedJacobian`, the transpose of an operator with no cheaper
 transposed form of its own.
@@ -39,7 +38,6 @@ __all__ = [
     "IdentityJacobian",
     "SoftmaxJacobian",
     "KroneckerJacobian",
-    "DiagonalLowRankJacobian",
     "softmax_block_product",
 ]
 
@@ -552,117 +550,6 @@ class _TransposedJacobian(Jacobian):
 
     def _rapply(self, left):
         return self.op._apply(np.swapaxes(left, -1, -2)).swapaxes(1, 2)
-
-
-class DiagonalLowRankJacobian(Jacobian):
-    """Square blocks `diag(d_i) + U_i V_i^T` (LayerNorm: rank 2).
-
-    Parameters
-    ----------
-    diagonal : ndarray `(B, n)`
-    left, right : ndarray `(B, n, r)`
-        U and V.
-
-    Notes
-    -----
-    `jvp(v)_i = d_i * v_i + U_i (V_i^T v_i)`, `vjp(g)_i = d_i * g_i + V_i
-    (U_i^T g_i)`: `O(B n r)` each against `O(B n^2)` dense. The transpose
-    swaps U and V; a diagonal on either side keeps the form.
-    """
-
-    kind = "lowrank"
-
-    def __init__(self, diagonal, left, right):
-        self.diagonal = _array_of_layout(diagonal, "DiagonalLowRankJacobian", "diagonal",
-                                         "(B, n)")
-        self.left = _array_of_layout(left, "DiagonalLowRankJacobian", "left", "(B, n, r)")
-        self.right = _array_of_layout(right, "DiagonalLowRankJacobian", "right", "(B, n, r)")
-        if self.left.shape != self.right.shape or self.left.shape[:2] != self.diagonal.shape:
-            raise ShapeError(
-                f"DiagonalLowRankJacobian: `left` and `right` must both be (B, n, r) with "
-                f"(B, n) = {self.diagonal.shape}, got {self.left.shape} and {self.right.shape}"
-            )
-        batch, n = self.diagonal.shape
-        self.shape = (batch, n, n)
-        self.dtype = np.result_type(self.diagonal, self.left, self.right)
-
-    def _jvp(self, v):
-        inner = np.einsum("bnr,bn->br", self.right, v)
-        return self.diagonal * v + np.einsum("bnr,br->bn", self.left, inner)
-
-    def _vjp(self, g):
-        inner = np.einsum("bnr,bn->br", self.left, g)
-        return self.diagonal * g + np.einsum("bnr,br->bn", self.right, inner)
-
-    def _to_dense(self):
-        dense = self.left @ self.right.swapaxes(1, 2)
-        n = self.in_dim
-        dense[:, np.arange(n), np.arange(n)] += self.diagonal
-        return dense
-
-    def _transpose(self):
-        return DiagonalLowRankJacobian(self.diagonal, self.right, self.left)
-
-    def _take(self, index):
-        return DiagonalLowRankJacobian(self.diagonal[index], self.left[index], self.right[index])
-
-    def _apply(self, right):
-        return (self.diagonal[:, :, None] * right
-                + self.left @ (self.right.swapaxes(1, 2) @ right))
-
-    def _rapply(self, left):
-        return left * self.diagonal[:, None, :] + (left @ self.left) @ self.right.swapaxes(1, 2)
-
-    def _matmul(self, other):
-        if isinstance(other, DiagonalJacobian):
-            d = other.diagonal
-            return DiagonalLowRankJacobian(self.diagonal * d, self.left,
-                                           self.right * d[:, :, None])
-        return NotImplemented
-
-    def _rmatmul(self, other):
-        if isinstance(other, DiagonalJacobian):
-            d = other.diagonal
-            return DiagonalLowRankJacobian(d * self.diagonal, d[:, :, None] * self.left,
-                                           self.right)
-        return NotImplemented
-
-    # ---- product costs (plan.py): the plan shape adds the rank r -----------------
-    def _plan_shape(self) -> tuple:
-        return (*self.shape, self.left.shape[2])
-
-    @classmethod
-    def _rank(cls, shape) -> int:
-        return int(shape[3]) if len(shape) >= 4 else 2  # LayerNorm's
-
-    @classmethod
-    def _apply_cost(cls, shape, k):
-        batch, n = shape[:2]
-        return batch * n * k * (1 + 2 * cls._rank(shape))
-
-    _rapply_cost = _apply_cost
-
-    @classmethod
-    def _matmul_cost(cls, shape, other, other_shape):
-        if issubclass(other, DiagonalJacobian):
-            return DiagonalLowRankJacobian, shape[0] * shape[1] * (1 + cls._rank(shape))
-        return NotImplemented
-
-    _rmatmul_cost = _matmul_cost
-
-    @classmethod
-    def _stored_items(cls, shape):
-        return shape[0] * shape[1] * (1 + 2 * cls._rank(shape))
-
-    def _add(self, other):
-        if isinstance(other, DiagonalJacobian):
-            return DiagonalLowRankJacobian(self.diagonal + other.diagonal, self.left, self.right)
-        if isinstance(other, IdentityJacobian):
-            return DiagonalLowRankJacobian(self.diagonal + 1, self.left, self.right)
-        return NotImplemented
-
-    def _scale(self, scalar):
-        return DiagonalLowRankJacobian(scalar * self.diagonal, scalar * self.left, self.right)
 
 
 # ---------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Structured Jacobians of the convolution and pooling layers, and their plan costs.
+"""Structured Jacobians of the image layers and LayerNorm's diagonal plus low rank.
 
 Same conventions as `jacobprop.jacobian.base`: an operator stands for B blocks
 of shape `(m, n)` (numerator layout), stores only what its structure needs, and
 never forms a block unless asked with `to_dense()` / `to_sparse()`. Kept apart
-from `basic.py` because these operators share the image geometry (im2col
-columns, pooling windows) and the copy/gather weights of the plan's cost model.
+from `basic.py` because the image operators share the image geometry (im2col
+columns, pooling windows) and the copy/gather weights of the plan's cost model;
+the low-rank operator states its rank in its plan shape as they do.
 
 | class                     | per-sample block                   | stored as                    |
 |---------------------------|------------------------------------|------------------------------|
@@ -12,6 +13,7 @@ columns, pooling windows) and the copy/gather weights of the plan's cost model.
 | `PatchesJacobian`         | `L_i (I_O kron P_i)`               | a Jacobian `L`, patches `P`  |
 | `SelectionJacobian`       | row j is `w_ij e_{idx_ij}^T`       | `idx`, `w` `(B, m)`          |
 | `PoolJacobian`            | one window average for every i     | windows `(m, K)` once        |
+| `DiagonalLowRankJacobian` | `diag(d_i) + U_i V_i^T`            | `(B, n)`, `(B, n, r)` twice  |
 
 Product costs (flops, B samples) are stated with each class's product rules.
 """
@@ -26,7 +28,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import ShapeError
 from .base import Jacobian, _array_of_layout, _compose, _taken_size
-from .basic import DiagonalJacobian, _TransposedJacobian
+from .basic import DiagonalJacobian, IdentityJacobian, _TransposedJacobian
 
 __all__ = [
     "ConvGeometry",
@@ -34,6 +36,7 @@ __all__ = [
     "PatchesJacobian",
     "SelectionJacobian",
     "PoolJacobian",
+    "DiagonalLowRankJacobian",
     "channel_rows",
     "from_channel_rows",
     "pool_windows",
@@ -706,3 +709,114 @@ class PoolJacobian(Jacobian):
     @classmethod
     def _stored_items(cls, shape):
         return shape[1] * cls._window(shape)
+
+
+class DiagonalLowRankJacobian(Jacobian):
+    """Square blocks `diag(d_i) + U_i V_i^T` (LayerNorm: rank 2).
+
+    Parameters
+    ----------
+    diagonal : ndarray `(B, n)`
+    left, right : ndarray `(B, n, r)`
+        U and V.
+
+    Notes
+    -----
+    `jvp(v)_i = d_i * v_i + U_i (V_i^T v_i)`, `vjp(g)_i = d_i * g_i + V_i
+    (U_i^T g_i)`: `O(B n r)` each against `O(B n^2)` dense. The transpose
+    swaps U and V; a diagonal on either side keeps the form.
+    """
+
+    kind = "lowrank"
+
+    def __init__(self, diagonal, left, right):
+        self.diagonal = _array_of_layout(diagonal, "DiagonalLowRankJacobian", "diagonal",
+                                         "(B, n)")
+        self.left = _array_of_layout(left, "DiagonalLowRankJacobian", "left", "(B, n, r)")
+        self.right = _array_of_layout(right, "DiagonalLowRankJacobian", "right", "(B, n, r)")
+        if self.left.shape != self.right.shape or self.left.shape[:2] != self.diagonal.shape:
+            raise ShapeError(
+                f"DiagonalLowRankJacobian: `left` and `right` must both be (B, n, r) with "
+                f"(B, n) = {self.diagonal.shape}, got {self.left.shape} and {self.right.shape}"
+            )
+        batch, n = self.diagonal.shape
+        self.shape = (batch, n, n)
+        self.dtype = np.result_type(self.diagonal, self.left, self.right)
+
+    def _jvp(self, v):
+        inner = np.einsum("bnr,bn->br", self.right, v)
+        return self.diagonal * v + np.einsum("bnr,br->bn", self.left, inner)
+
+    def _vjp(self, g):
+        inner = np.einsum("bnr,bn->br", self.left, g)
+        return self.diagonal * g + np.einsum("bnr,br->bn", self.right, inner)
+
+    def _to_dense(self):
+        dense = self.left @ self.right.swapaxes(1, 2)
+        n = self.in_dim
+        dense[:, np.arange(n), np.arange(n)] += self.diagonal
+        return dense
+
+    def _transpose(self):
+        return DiagonalLowRankJacobian(self.diagonal, self.right, self.left)
+
+    def _take(self, index):
+        return DiagonalLowRankJacobian(self.diagonal[index], self.left[index], self.right[index])
+
+    def _apply(self, right):
+        return (self.diagonal[:, :, None] * right
+                + self.left @ (self.right.swapaxes(1, 2) @ right))
+
+    def _rapply(self, left):
+        return left * self.diagonal[:, None, :] + (left @ self.left) @ self.right.swapaxes(1, 2)
+
+    def _matmul(self, other):
+        if isinstance(other, DiagonalJacobian):
+            d = other.diagonal
+            return DiagonalLowRankJacobian(self.diagonal * d, self.left,
+                                           self.right * d[:, :, None])
+        return NotImplemented
+
+    def _rmatmul(self, other):
+        if isinstance(other, DiagonalJacobian):
+            d = other.diagonal
+            return DiagonalLowRankJacobian(d * self.diagonal, d[:, :, None] * self.left,
+                                           self.right)
+        return NotImplemented
+
+    # ---- product costs (plan.py): the plan shape adds the rank r -----------------
+    def _plan_shape(self) -> tuple:
+        return (*self.shape, self.left.shape[2])
+
+    @classmethod
+    def _rank(cls, shape) -> int:
+        return int(shape[3]) if len(shape) >= 4 else 2  # LayerNorm's
+
+    @classmethod
+    def _apply_cost(cls, shape, k):
+        batch, n = shape[:2]
+        return batch * n * k * (1 + 2 * cls._rank(shape))
+
+    _rapply_cost = _apply_cost
+
+    @classmethod
+    def _matmul_cost(cls, shape, other, other_shape):
+        if issubclass(other, DiagonalJacobian):
+            return DiagonalLowRankJacobian, shape[0] * shape[1] * (1 + cls._rank(shape))
+        return NotImplemented
+
+    _rmatmul_cost = _matmul_cost
+
+    @classmethod
+    def _stored_items(cls, shape):
+        return shape[0] * shape[1] * (1 + 2 * cls._rank(shape))
+
+    def _add(self, other):
+        if isinstance(other, DiagonalJacobian):
+            return DiagonalLowRankJacobian(self.diagonal + other.diagonal, self.left, self.right)
+        if isinstance(other, IdentityJacobian):
+            return DiagonalLowRankJacobian(self.diagonal + 1, self.left, self.right)
+        return NotImplemented
+
+    def _scale(self, scalar):
+        return DiagonalLowRankJacobian(scalar * self.diagonal, scalar * self.left, self.right)
