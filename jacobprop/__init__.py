@@ -23,23 +23,21 @@ from .derivatives import ggn, hessian, ntk
 from .errors import GradcheckError, ShapeError
 from .io import ModelFileError, load, save
 from .jacobian import (
+    BatchNormJacobian,
+    ConvJacobian,
+    CoupledJacobian,
     DiagonalJacobian,
+    DiagonalLowRankJacobian,
     GeneralJacobian,
     IdentityJacobian,
     Jacobian,
     KroneckerJacobian,
-    SharedJacobian,
-    SoftmaxJacobian,
-    as_jacobian,
-)
-from .jacobian_spatial import (
-    BatchNormJacobian,
-    ConvJacobian,
-    CoupledJacobian,
-    DiagonalLowRankJacobian,
     PatchesJacobian,
     PoolJacobian,
     SelectionJacobian,
+    SharedJacobian,
+    SoftmaxJacobian,
+    as_jacobian,
 )
 from .layers import (
     ELU,

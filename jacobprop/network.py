@@ -20,8 +20,7 @@ import numpy as np
 
 from .dispatch import standard
 from .errors import ShapeError, check_batch_matrix
-from .jacobian import GeneralJacobian, Jacobian, _compose
-from .jacobian_spatial import DenseCoupledJacobian
+from .jacobian import DenseCoupledJacobian, GeneralJacobian, Jacobian, _compose
 from .layers.base import Layer
 from .layers.pooling import Flatten
 from .layers.spatial import SpatialLayer, ravel_images

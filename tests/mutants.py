@@ -59,8 +59,7 @@ from typing import NamedTuple
 import numpy as np
 
 import jacobprop as jp
-from jacobprop.jacobian import DiagonalJacobian, GeneralJacobian, Jacobian
-from jacobprop.jacobian_spatial import channel_rows
+from jacobprop.jacobian import DiagonalJacobian, GeneralJacobian, Jacobian, channel_rows
 from jacobprop.testing import checkable
 
 

@@ -7,10 +7,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import check_float_dtype, check_rng
-from ..jacobian import IdentityJacobian
-from ..jacobian_spatial import (
+from ..jacobian import (
     ConvGeometry,
     ConvJacobian,
+    IdentityJacobian,
     PatchesJacobian,
     channel_rows,
     from_channel_rows,

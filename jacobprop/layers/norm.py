@@ -7,8 +7,12 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import check_float_dtype, check_positive_int
-from ..jacobian import DiagonalJacobian, IdentityJacobian
-from ..jacobian_spatial import BatchNormJacobian, DiagonalLowRankJacobian
+from ..jacobian import (
+    BatchNormJacobian,
+    DiagonalJacobian,
+    DiagonalLowRankJacobian,
+    IdentityJacobian,
+)
 from .base import Layer, register_layer
 
 __all__ = ["LayerNorm", "BatchNorm"]

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..jacobian_spatial import PoolJacobian, SelectionJacobian, pool_windows
+from ..jacobian import PoolJacobian, SelectionJacobian, pool_windows
 from .activations import ActivationCache, Identity
 from .base import register_layer
 from .conv import _divisor
