@@ -182,9 +182,8 @@ def refuse_stochastic(where: str, layer: Layer) -> None:
 
 
 def _first_stochastic(layer: Layer) -> str:
-    inner = getattr(layer, "layers", None)
-    if inner is not None:
-        for index, child in enumerate(inner):
-            if child.stochastic:
-                return f"layer {index} ({type(child).__name__})"
+    # Composites name their layers through the `sublayers()` hook (no attribute probing).
+    for index, child in enumerate(layer.sublayers()):
+        if child.stochastic:
+            return f"layer {index} ({type(child).__name__})"
     return f"{type(layer).__name__}"
