@@ -926,6 +926,9 @@ def test_every_checker_refuses_a_stochastic_layer_in_train_mode():
         jp.check_layer(net[1], rng.standard_normal((5, 4)), rng=rng)
     with pytest.raises(ValueError, match="CoinFlip draws a new random mask"):
         assert_layer_correct(net[1], rng=rng)
+    # Any composite names the culprit through `sublayers()`, not only a Sequential.
+    with pytest.raises(ValueError, match=r"layer 0 \(CoinFlip\) draws a new random mask"):
+        jp.check_layer(jp.Residual(CoinFlip(rng=rng)), rng.standard_normal((5, 4)), rng=rng)
     net.eval()
     assert jp.gradcheck(net, x, t, jp.MSE(), rng=rng).ok
     assert jp.check_layer(net[1], rng.standard_normal((5, 4)), rng=rng).ok

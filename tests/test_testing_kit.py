@@ -191,6 +191,19 @@ def test_correct_layers_pass(layer):
         np.testing.assert_array_equal(value, before[name])
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layer": "Tanh"}, "assert_layer_correct: `layer` must be a jacobprop Layer, got str"),
+        ({"layer": jp.Tanh(), "rng": 0},
+         "assert_layer_correct: `rng` must be a numpy.random.Generator, got int"),
+    ],
+)
+def test_assert_layer_correct_refuses_bad_arguments_by_name(kwargs, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        assert_layer_correct(**kwargs)
+
+
 def test_hidden_state_layer_passes_when_it_opts_out_of_float32():
     assert_layer_correct(HiddenMatrix(), float32=False)
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ..errors import GradcheckError, ShapeError
+from ..errors import GradcheckError, ShapeError, check_positive_int, check_rng
 from ..jacobian import Jacobian
 from ..layers.base import Layer
 from .differences import (
@@ -31,7 +31,6 @@ from .tolerance import (
     _LAYER_NOISE,
     _check_gradient_shapes,
     _check_layer_argument,
-    _check_rng,
     _check_tolerance,
     _resolve_rtol,
     consistency_tolerance,
@@ -72,7 +71,7 @@ def dottest(J_or_pair, *, shape: tuple | None = None, rng: np.random.Generator |
         terms (so cancellation in the sums does not inflate it).
     """
     where = "dottest"
-    rng = _check_rng(where, rng)
+    rng = check_rng(rng, where=where)
     if isinstance(J_or_pair, Jacobian):
         op = J_or_pair
         jvp, vjp, shape, dtype = op.jvp, op.vjp, op.shape, np.dtype(op.dtype)
@@ -91,8 +90,7 @@ def dottest(J_or_pair, *, shape: tuple | None = None, rng: np.random.Generator |
             f"{where}: expected a jacobprop Jacobian or a (jvp, vjp) pair of callables, "
             f"got {type(J_or_pair).__name__}"
         )
-    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
-        raise ValueError(f"{where}: `repeats` must be a positive integer, got {repeats!r}")
+    repeats = check_positive_int(repeats, where=where, name="repeats")
     rtol = _check_tolerance(where, "rtol", rtol)
     batch, m, n = (int(s) for s in shape)
     worst, worst_pair = 0.0, (0.0, 0.0)
@@ -231,7 +229,7 @@ def check_layer(layer: Layer, x, *, fast: bool = False, richardson: bool = False
     where = "check_layer"
     _check_layer_argument(where, "layer", layer)
     refuse_stochastic(where, layer)
-    rng = _check_rng(where, rng)
+    rng = check_rng(rng, where=where)
     x_live = layer._check_input(x)
     y, cache = layer._call_forward(x_live)
     dtype = np.result_type(y.dtype, np.float32)

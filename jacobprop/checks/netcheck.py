@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import GradcheckError
+from ..errors import GradcheckError, check_rng
 from ..layers.base import Layer
 from ..losses import Loss
 from ..network import Sequential
@@ -38,7 +38,6 @@ from .tolerance import (
     _check_layer_argument,
     _check_loss,
     _check_mode,
-    _check_rng,
     _kink_floor,
     _resolve_rtol,
     default_rtol,
@@ -141,7 +140,7 @@ def _prepare(where, net, x, t, loss, mode, rng) -> _Setup:
     refuse_stochastic(where, seq)
     _check_loss(where, loss)
     _check_mode(where, mode)
-    rng = _check_rng(where, rng)
+    rng = check_rng(rng, where=where)
     analytic, y, cache = _analytic(where, seq, x, t, loss, mode)
     leaves = _flatten(seq, "")
     ev = _Evaluator(leaves, np.asarray(cache.x, dtype=np.float64))

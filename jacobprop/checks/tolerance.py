@@ -41,7 +41,7 @@ import math
 
 import numpy as np
 
-from ..errors import ShapeError, check_rng
+from ..errors import ShapeError
 from ..layers.base import Layer
 from ..losses import Loss
 
@@ -103,10 +103,6 @@ def _resolve_rtol(where: str, dtype, rtol, atol, richardson: bool):
             f"{where}(..., rtol=1e-3, atol=1e-5) (the finite differences still run in float64)"
         )
     return (default_rtol(richardson) if rtol is None else rtol), atol
-
-
-def _check_rng(where: str, rng) -> np.random.Generator:
-    return check_rng(rng, where=where)
 
 
 def _check_layer_argument(where: str, name: str, layer) -> None:
@@ -186,9 +182,8 @@ def refuse_stochastic(where: str, layer: Layer) -> None:
 
 
 def _first_stochastic(layer: Layer) -> str:
-    inner = getattr(layer, "layers", None)
-    if inner is not None:
-        for index, child in enumerate(inner):
-            if child.stochastic:
-                return f"layer {index} ({type(child).__name__})"
+    # Composites name their layers through the `sublayers()` hook (no attribute probing).
+    for index, child in enumerate(layer.sublayers()):
+        if child.stochastic:
+            return f"layer {index} ({type(child).__name__})"
     return f"{type(layer).__name__}"

@@ -26,8 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..checks import check_layer
-from ..checks.tolerance import consistency_tolerance, refuse_stochastic
-from ..errors import GradcheckError, check_batch_matrix
+from ..checks.tolerance import (
+    _check_layer_argument,
+    consistency_tolerance,
+    refuse_stochastic,
+)
+from ..errors import GradcheckError, check_batch_matrix, check_rng
 from ..layers.base import Layer
 from .strategies import DEFAULT_MARGIN, draw_input, flatten_layers, input_problems
 
@@ -190,12 +194,11 @@ def assert_layer_correct(layer: Layer, x=None, *, rtol: float | None = None,
     dense form is `(B, m, B, n)`) and float32 against float64, all under rule
     2 of the policy (`jacobprop.checks.tolerance`).
     """
-    if not isinstance(layer, Layer):
-        raise TypeError(
-            f"assert_layer_correct: `layer` must be a jacobprop Layer, got {type(layer).__name__}"
-        )
+    _check_layer_argument("assert_layer_correct", "layer", layer)
     refuse_stochastic("assert_layer_correct", layer)
-    rng = np.random.default_rng(0) if rng is None else rng
+    # Seeded by default: a contract failure must reproduce on the next run.
+    rng = check_rng(np.random.default_rng(0) if rng is None else rng,
+                    where="assert_layer_correct")
     label = repr(layer)
     if not label.startswith(type(layer).__name__):
         # A subclass inheriting its parent's repr is named by its own class.

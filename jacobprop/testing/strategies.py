@@ -306,16 +306,18 @@ def checkable(layer: Layer) -> Layer:
     Residual blocks) and switches only the leaves that draw random numbers,
     so a train-mode BatchNorm beside a Dropout stays in train mode.
     """
-    for inner in _walk(layer):
-        if not inner.sublayers() and inner.stochastic:
-            inner.training = False
-    return layer
+    return _leaves_to_eval(layer, lambda leaf: leaf.stochastic)
 
 
 def per_sample(layer: Layer) -> Layer:
     """`layer`, with every leaf that couples samples (train-mode BatchNorm) in eval mode."""
+    return _leaves_to_eval(layer, lambda leaf: leaf.couples_samples)
+
+
+def _leaves_to_eval(layer: Layer, chosen) -> Layer:
+    """`layer`, with every leaf for which `chosen(leaf)` is True put in eval mode."""
     for inner in _walk(layer):
-        if not inner.sublayers() and inner.couples_samples:
+        if not inner.sublayers() and chosen(inner):
             inner.training = False
     return layer
 
