@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import check_float_dtype, check_rng
+from ..errors import check_float_dtype, check_positive_int, check_rng
 from ..jacobian import (
     ConvGeometry,
     ConvJacobian,
@@ -24,12 +24,6 @@ __all__ = ["Conv2D"]
 class ConvCache(NamedTuple):
     x: np.ndarray  # (B, C*H*W): the input
     columns: np.ndarray  # (C*kh*kw, B*L): its im2col columns, which dL/dW needs
-
-
-def _positive_int(value, where: str, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{where}: `{name}` must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _divisor(number: int, rng: np.random.Generator) -> int:
@@ -81,8 +75,8 @@ class Conv2D(SpatialLayer):
                  dtype=np.float64):
         super().__init__()
         where = "Conv2D"
-        self.in_channels = _positive_int(in_channels, where, "in_channels")
-        self.out_channels = _positive_int(out_channels, where, "out_channels")
+        self.in_channels = check_positive_int(in_channels, where=where, name="in_channels")
+        self.out_channels = check_positive_int(out_channels, where=where, name="out_channels")
         self.kernel_size = pair(kernel_size, where, "kernel_size")
         self.stride = pair(stride, where, "stride")
         self.padding = pair(padding, where, "padding", minimum=0)
