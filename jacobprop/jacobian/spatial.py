@@ -179,7 +179,31 @@ def _conv_extras(shape) -> tuple[int, int, int, int, int]:
     return batch, m, n, n, 1
 
 
-class ConvJacobian(Jacobian):
+class _SameBlock(Jacobian, abstract=True):
+    """Base of an operator whose B blocks are one `(m, n)` matrix given by `_matrix()`.
+
+    The matrix is formed only on request (dense, batch sum, sparse); the
+    products stay structured in the subclass.
+    """
+
+    def _matrix(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _to_dense(self):
+        return np.repeat(self._matrix()[None], self.batch_size, axis=0)
+
+    def _batch_sum(self):
+        return self.batch_size * self._matrix()
+
+    def _transpose(self):
+        return _TransposedJacobian(self)
+
+    def to_sparse(self):
+        block = sparse.csr_array(self._matrix())
+        return sparse.csr_array(sparse.kron(sparse.identity(self.batch_size, format="csr"), block))
+
+
+class ConvJacobian(_SameBlock):
     """dy/dx of a convolution: one Toeplitz-like `(O*L, C*H*W)` matrix shared by every sample.
 
     Parameters
@@ -220,15 +244,6 @@ class ConvJacobian(Jacobian):
     def _matrix(self) -> np.ndarray:
         """The shared `(m, n)` block: the convolution of every unit input."""
         return self._jvp(np.eye(self.in_dim, dtype=self.dtype)).T
-
-    def _to_dense(self):
-        return np.repeat(self._matrix()[None], self.batch_size, axis=0)
-
-    def _batch_sum(self):
-        return self.batch_size * self._matrix()
-
-    def _transpose(self):
-        return _TransposedJacobian(self)
 
     def _take(self, index):
         return ConvJacobian(self.weight, self.geometry, _taken_size(self.batch_size, index))
@@ -296,9 +311,6 @@ class ConvJacobian(Jacobian):
         _, _, _, kernel, channels_out = _conv_extras(shape)
         return kernel * channels_out
 
-    def to_sparse(self):
-        block = sparse.csr_array(self._matrix())
-        return sparse.csr_array(sparse.kron(sparse.identity(self.batch_size, format="csr"), block))
 
 
 class PatchesJacobian(Jacobian):
@@ -605,7 +617,7 @@ class SelectionJacobian(Jacobian):
                                 shape=(batch * m, batch * n))
 
 
-class PoolJacobian(Jacobian):
+class PoolJacobian(_SameBlock):
     """The same window average for every sample (AvgPool2D): row j averages window j.
 
     Parameters
@@ -659,15 +671,6 @@ class PoolJacobian(Jacobian):
         for column in self.windows.T:
             matrix[np.arange(self.out_dim), column] += self._scale_factor
         return matrix
-
-    def _to_dense(self):
-        return np.repeat(self._matrix()[None], self.batch_size, axis=0)
-
-    def _batch_sum(self):
-        return self.batch_size * self._matrix()
-
-    def _transpose(self):
-        return _TransposedJacobian(self)
 
     def _take(self, index):
         return PoolJacobian(self.windows, self.in_dim, _taken_size(self.batch_size, index),
