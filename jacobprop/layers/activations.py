@@ -46,6 +46,13 @@ def stable_exp_shifted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return shifted, np.exp(shifted)
 
 
+def _finite_alpha(alpha, where: str) -> float:
+    """`alpha` (LeakyReLU's slope, ELU's scale) as a float; a bool or a non-finite is refused."""
+    if isinstance(alpha, bool) or not np.isscalar(alpha) or not np.isfinite(alpha):
+        raise ValueError(f"{where}: `alpha` must be a finite real number, got {alpha!r}")
+    return float(alpha)
+
+
 class Elementwise(Layer):
     """Base of `y_j = f(x_j)`: the Jacobian is `diag(f'(x))` `(B, n)`."""
 
@@ -159,9 +166,7 @@ class LeakyReLU(Elementwise):
 
     def __init__(self, alpha: float = 0.01):
         super().__init__()
-        if isinstance(alpha, bool) or not np.isscalar(alpha) or not np.isfinite(alpha):
-            raise ValueError(f"LeakyReLU: `alpha` must be a finite real number, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = _finite_alpha(alpha, "LeakyReLU")
 
     @classmethod
     def example(cls, input_dim, *, rng, dtype=np.float64):
@@ -390,9 +395,7 @@ class ELU(Elementwise):
 
     def __init__(self, alpha: float = 1.0):
         super().__init__()
-        if isinstance(alpha, bool) or not np.isscalar(alpha) or not np.isfinite(alpha):
-            raise ValueError(f"ELU: `alpha` must be a finite real number, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = _finite_alpha(alpha, "ELU")
 
     @classmethod
     def example(cls, input_dim, *, rng, dtype=np.float64):
