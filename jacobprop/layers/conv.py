@@ -82,8 +82,8 @@ class Conv2D(SpatialLayer):
         self.padding = pair(padding, where, "padding", minimum=0)
         self.bias = bool(bias)
         self._geometry = None
-        dtype = check_float_dtype(dtype, where="Conv2D")
-        rng = check_rng(rng, where="Conv2D")
+        dtype = check_float_dtype(dtype, where=where)
+        rng = check_rng(rng, where=where)
         if input_shape is not None:
             self.bind_input_shape(input_shape)
         kh, kw = self.kernel_size
@@ -168,9 +168,7 @@ class Conv2D(SpatialLayer):
         grads = {"W": (rows @ cache.columns.T).reshape(self.params["W"].shape)}
         if self.bias:
             grads["b"] = np.add.reduce(rows, axis=1)
-        gx = None
-        if need_input:
-            gx = self.geometry.transposed_conv(self._matrix_w(), g)
+        gx = self._jacobian(cache)._vjp(g) if need_input else None  # the transposed conv
         return gx, grads
 
     def _affine_param_change(self, x, name, coords, steps):
@@ -186,10 +184,6 @@ class Conv2D(SpatialLayer):
         else:
             channel, delta = coords, steps[:, None, None]
         return channel[:, None] * positions + np.arange(positions), delta
-
-    def _jvp(self, cache, v):
-        rows = self._matrix_w() @ self.geometry.columns(v)
-        return from_channel_rows(rows, v.shape[0], self.geometry.positions)
 
     def _jacobian(self, cache):
         return ConvJacobian(self.params["W"], self.geometry, cache.x.shape[0])
