@@ -108,7 +108,6 @@ class ConvGeometry(NamedTuple):
         image = image[:, :, ph:ph + height, pw:pw + width]
         return image.transpose(1, 0, 2, 3).reshape(batch, self.in_dim)
 
-
     def transposed_conv(self, matrix_w: np.ndarray, values: np.ndarray) -> np.ndarray:
         """`col2im(W_mat^T g_rows)`: the vjp of the correlation for `g` `(B, O*L)`, `(B, n)`.
 
@@ -468,7 +467,7 @@ def pool_windows(input_shape, kernel, stride) -> np.ndarray:
     """`(C*Ho*Wo, kh*kw)` flat input indices of every pooling window, window in C-order."""
     channels, height, width = input_shape
     (kh, kw), (sh, sw) = kernel, stride
-    ho, wo = (height - kh) // sh + 1, (width - kw) // sw + 1
+    ho, wo = ConvGeometry(input_shape, kernel, stride, (0, 0)).output_hw
     c = np.arange(channels)[:, None, None, None, None]
     rows = (np.arange(ho) * sh)[None, :, None, None, None] + np.arange(kh)[:, None]
     cols = (np.arange(wo) * sw)[None, None, :, None, None] + np.arange(kw)

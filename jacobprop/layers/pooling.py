@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..jacobian import PoolJacobian, SelectionJacobian, pool_windows
+from ..jacobian import ConvGeometry, PoolJacobian, SelectionJacobian, pool_windows
 from .activations import ActivationCache, Identity
 from .base import register_layer
 from .conv import _divisor
@@ -69,9 +69,9 @@ class _Pool2D(SpatialLayer):
                              f"`input_shape` {input_shape}")
 
     def _output_shape(self, input_shape):
-        channels, height, width = input_shape
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        return channels, (height - kh) // sh + 1, (width - kw) // sw + 1
+        # A window is a correlation kernel without padding: the same output size.
+        geometry = ConvGeometry(input_shape, self.kernel_size, self.stride, (0, 0))
+        return (input_shape[0], *geometry.output_hw)
 
     @property
     def _overlapping(self) -> bool:
