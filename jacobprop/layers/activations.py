@@ -37,13 +37,19 @@ def stable_exp_shifted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     # ufunc.reduce directly: ndarray.max/sum add a Python-level call each.
     shifted = x - np.maximum.reduce(x, axis=1, keepdims=True)
+    return shifted, _exp_nonpositive(shifted)
+
+
+def _exp_nonpositive(z: np.ndarray) -> np.ndarray:
+    """`exp(z)` for `z <= 0`: values below the smallest normal become exact zeros (the
+    right answer) instead of raising under a caller's `np.errstate(all="raise")`."""
     try:
         # numpy ignores underflow by default; entering errstate on every call
         # would cost more than the exp itself at small sizes.
-        return shifted, np.exp(shifted)
+        return np.exp(z)
     except FloatingPointError:
         with np.errstate(under="ignore"):
-            return shifted, np.exp(shifted)
+            return np.exp(z)
 
 
 def _finite_alpha(alpha, where: str) -> float:
@@ -310,16 +316,6 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 # ---- smooth activations of the second round -----------------------------------------
 _INV_SQRT_2PI = 1 / np.sqrt(2 * np.pi)
-
-
-def _exp_nonpositive(z: np.ndarray) -> np.ndarray:
-    """`exp(z)` for `z <= 0`: values below the smallest normal become exact zeros (the
-    right answer) instead of raising under a caller's `np.errstate(all="raise")`."""
-    try:
-        return np.exp(z)
-    except FloatingPointError:
-        with np.errstate(under="ignore"):
-            return np.exp(z)
 
 
 @register_layer
