@@ -503,6 +503,9 @@ class SelectionJacobian(Jacobian):
                  dtype=np.float64):
         self.indices = _array_of_layout(indices, "SelectionJacobian", "indices", "(B, m)")
         self.weights = None if weights is None else np.asarray(weights)
+        if self.weights is not None and self.weights.shape != self.indices.shape:
+            raise ShapeError(f"SelectionJacobian: `weights` must have the shape of `indices` "
+                             f"{self.indices.shape}, got {self.weights.shape}")
         self.distinct = bool(distinct)
         batch, m = self.indices.shape
         self.shape = (batch, m, int(in_dim))
