@@ -173,7 +173,10 @@ def test_bad_cotangent_and_tangent_shapes():
         (lambda: jp.Dense(2, 2.5), ValueError, r"`out_features` must be a positive integer"),
         (lambda: jp.Dense(2, 2, dtype=np.int64), TypeError, r"`dtype` must be a floating"),
         (lambda: jp.Dense(2, 2, rng=0), TypeError, r"`rng` must be a numpy.random.Generator"),
-        (lambda: jp.LeakyReLU(float("nan")), ValueError, r"`alpha` must be a finite"),
+        (lambda: jp.LeakyReLU(float("nan")), ValueError, r"LeakyReLU: `alpha` must be a finite"),
+        (lambda: jp.ELU(True), ValueError, r"ELU: `alpha` must be a finite real number, got True"),
+        (lambda: jp.Conv2D(0, 2, 3, input_shape=(1, 4, 4)), ValueError,
+         r"`in_channels` must be a positive integer, got 0"),
     ],
 )
 def test_bad_constructor_arguments(build, error, message):

@@ -108,3 +108,11 @@ def test_flatten_is_the_identity_on_the_raveled_layout():
     assert isinstance(jp.Flatten().jacobian(cache), jp.IdentityJacobian)
     with pytest.raises(ValueError, match="does not fit"):
         jp.MaxPool2D(3, input_shape=(1, 2, 5))
+
+
+def test_selection_weights_must_match_the_indices():
+    indices = np.zeros((2, 3), dtype=np.intp)
+    with pytest.raises(jp.ShapeError,
+                       match=r"SelectionJacobian: `weights` must have the shape of `indices` "
+                             r"\(2, 3\), got \(2, 4\)"):
+        jp.SelectionJacobian(indices, 5, np.ones((2, 4)))

@@ -64,7 +64,6 @@ class Jacobian:
         "_transpose": "the per-sample transposes as an operator, (B, n, m)",
         "_take": "the sub-batch at an index (a slice or an index array) as an operator",
     }
-    couples_samples: ClassVar[bool] = False
 
     def __init_subclass__(cls, abstract: bool = False, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -21,7 +21,6 @@ coupled, a rule none of the per-sample operators needs to know.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sparse
 
 from ..errors import ShapeError
 from .base import Jacobian, _array_of_layout, _compose
@@ -75,9 +74,6 @@ class CoupledJacobian(Jacobian, abstract=True):
             f"use to_dense() for the (B, m, B, n) array, or vjp/jvp on the whole batch"
         )
 
-    def _dense_view(self):
-        return self._to_dense()
-
     def _batch_sum(self):
         # Row j of the sum is the summed vjp of the unit covector e_j in every sample.
         batch, m, n = self.shape
@@ -127,10 +123,6 @@ class CoupledJacobian(Jacobian, abstract=True):
     def _stored_items(cls, shape):
         batch, m, n = shape[:3]
         return batch * (m + n)  # the factors' own arrays, about a batch of rows each side
-
-    def to_sparse(self):
-        batch, m, n = self.shape
-        return sparse.csr_array(self._to_dense().reshape(batch * m, batch * n))
 
 
 def _factors_of(op: Jacobian) -> tuple[Jacobian, ...]:

@@ -108,7 +108,6 @@ class ConvGeometry(NamedTuple):
         image = image[:, :, ph:ph + height, pw:pw + width]
         return image.transpose(1, 0, 2, 3).reshape(batch, self.in_dim)
 
-
     def transposed_conv(self, matrix_w: np.ndarray, values: np.ndarray) -> np.ndarray:
         """`col2im(W_mat^T g_rows)`: the vjp of the correlation for `g` `(B, O*L)`, `(B, n)`.
 
@@ -179,7 +178,31 @@ def _conv_extras(shape) -> tuple[int, int, int, int, int]:
     return batch, m, n, n, 1
 
 
-class ConvJacobian(Jacobian):
+class _SameBlock(Jacobian, abstract=True):
+    """Base of an operator whose B blocks are one `(m, n)` matrix given by `_matrix()`.
+
+    The matrix is formed only on request (dense, batch sum, sparse); the
+    products stay structured in the subclass.
+    """
+
+    def _matrix(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _to_dense(self):
+        return np.repeat(self._matrix()[None], self.batch_size, axis=0)
+
+    def _batch_sum(self):
+        return self.batch_size * self._matrix()
+
+    def _transpose(self):
+        return _TransposedJacobian(self)
+
+    def to_sparse(self):
+        block = sparse.csr_array(self._matrix())
+        return sparse.csr_array(sparse.kron(sparse.identity(self.batch_size, format="csr"), block))
+
+
+class ConvJacobian(_SameBlock):
     """dy/dx of a convolution: one Toeplitz-like `(O*L, C*H*W)` matrix shared by every sample.
 
     Parameters
@@ -220,15 +243,6 @@ class ConvJacobian(Jacobian):
     def _matrix(self) -> np.ndarray:
         """The shared `(m, n)` block: the convolution of every unit input."""
         return self._jvp(np.eye(self.in_dim, dtype=self.dtype)).T
-
-    def _to_dense(self):
-        return np.repeat(self._matrix()[None], self.batch_size, axis=0)
-
-    def _batch_sum(self):
-        return self.batch_size * self._matrix()
-
-    def _transpose(self):
-        return _TransposedJacobian(self)
 
     def _take(self, index):
         return ConvJacobian(self.weight, self.geometry, _taken_size(self.batch_size, index))
@@ -296,9 +310,6 @@ class ConvJacobian(Jacobian):
         _, _, _, kernel, channels_out = _conv_extras(shape)
         return kernel * channels_out
 
-    def to_sparse(self):
-        block = sparse.csr_array(self._matrix())
-        return sparse.csr_array(sparse.kron(sparse.identity(self.batch_size, format="csr"), block))
 
 
 class PatchesJacobian(Jacobian):
@@ -456,7 +467,7 @@ def pool_windows(input_shape, kernel, stride) -> np.ndarray:
     """`(C*Ho*Wo, kh*kw)` flat input indices of every pooling window, window in C-order."""
     channels, height, width = input_shape
     (kh, kw), (sh, sw) = kernel, stride
-    ho, wo = (height - kh) // sh + 1, (width - kw) // sw + 1
+    ho, wo = ConvGeometry(input_shape, kernel, stride, (0, 0)).output_hw
     c = np.arange(channels)[:, None, None, None, None]
     rows = (np.arange(ho) * sh)[None, :, None, None, None] + np.arange(kh)[:, None]
     cols = (np.arange(wo) * sw)[None, None, :, None, None] + np.arange(kw)
@@ -492,6 +503,9 @@ class SelectionJacobian(Jacobian):
                  dtype=np.float64):
         self.indices = _array_of_layout(indices, "SelectionJacobian", "indices", "(B, m)")
         self.weights = None if weights is None else np.asarray(weights)
+        if self.weights is not None and self.weights.shape != self.indices.shape:
+            raise ShapeError(f"SelectionJacobian: `weights` must have the shape of `indices` "
+                             f"{self.indices.shape}, got {self.weights.shape}")
         self.distinct = bool(distinct)
         batch, m = self.indices.shape
         self.shape = (batch, m, int(in_dim))
@@ -605,7 +619,7 @@ class SelectionJacobian(Jacobian):
                                 shape=(batch * m, batch * n))
 
 
-class PoolJacobian(Jacobian):
+class PoolJacobian(_SameBlock):
     """The same window average for every sample (AvgPool2D): row j averages window j.
 
     Parameters
@@ -659,15 +673,6 @@ class PoolJacobian(Jacobian):
         for column in self.windows.T:
             matrix[np.arange(self.out_dim), column] += self._scale_factor
         return matrix
-
-    def _to_dense(self):
-        return np.repeat(self._matrix()[None], self.batch_size, axis=0)
-
-    def _batch_sum(self):
-        return self.batch_size * self._matrix()
-
-    def _transpose(self):
-        return _TransposedJacobian(self)
 
     def _take(self, index):
         return PoolJacobian(self.windows, self.in_dim, _taken_size(self.batch_size, index),

@@ -37,13 +37,26 @@ def stable_exp_shifted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     # ufunc.reduce directly: ndarray.max/sum add a Python-level call each.
     shifted = x - np.maximum.reduce(x, axis=1, keepdims=True)
+    return shifted, _exp_nonpositive(shifted)
+
+
+def _exp_nonpositive(z: np.ndarray) -> np.ndarray:
+    """`exp(z)` for `z <= 0`: values below the smallest normal become exact zeros (the
+    right answer) instead of raising under a caller's `np.errstate(all="raise")`."""
     try:
         # numpy ignores underflow by default; entering errstate on every call
         # would cost more than the exp itself at small sizes.
-        return shifted, np.exp(shifted)
+        return np.exp(z)
     except FloatingPointError:
         with np.errstate(under="ignore"):
-            return shifted, np.exp(shifted)
+            return np.exp(z)
+
+
+def _finite_alpha(alpha, where: str) -> float:
+    """`alpha` (LeakyReLU's slope, ELU's scale) as a float; a bool or a non-finite is refused."""
+    if isinstance(alpha, bool) or not np.isscalar(alpha) or not np.isfinite(alpha):
+        raise ValueError(f"{where}: `alpha` must be a finite real number, got {alpha!r}")
+    return float(alpha)
 
 
 class Elementwise(Layer):
@@ -159,9 +172,7 @@ class LeakyReLU(Elementwise):
 
     def __init__(self, alpha: float = 0.01):
         super().__init__()
-        if isinstance(alpha, bool) or not np.isscalar(alpha) or not np.isfinite(alpha):
-            raise ValueError(f"LeakyReLU: `alpha` must be a finite real number, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = _finite_alpha(alpha, "LeakyReLU")
 
     @classmethod
     def example(cls, input_dim, *, rng, dtype=np.float64):
@@ -307,16 +318,6 @@ def softmax(x: np.ndarray) -> np.ndarray:
 _INV_SQRT_2PI = 1 / np.sqrt(2 * np.pi)
 
 
-def _exp_nonpositive(z: np.ndarray) -> np.ndarray:
-    """`exp(z)` for `z <= 0`: values below the smallest normal become exact zeros (the
-    right answer) instead of raising under a caller's `np.errstate(all="raise")`."""
-    try:
-        return np.exp(z)
-    except FloatingPointError:
-        with np.errstate(under="ignore"):
-            return np.exp(z)
-
-
 @register_layer
 class GELU(Elementwise):
     """`y = x Phi(x)`, Phi the standard normal CDF (exact, with erf: PyTorch's default).
@@ -390,9 +391,7 @@ class ELU(Elementwise):
 
     def __init__(self, alpha: float = 1.0):
         super().__init__()
-        if isinstance(alpha, bool) or not np.isscalar(alpha) or not np.isfinite(alpha):
-            raise ValueError(f"ELU: `alpha` must be a finite real number, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = _finite_alpha(alpha, "ELU")
 
     @classmethod
     def example(cls, input_dim, *, rng, dtype=np.float64):

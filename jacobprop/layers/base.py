@@ -372,6 +372,7 @@ class Layer:
         output by `c M[:, cols[g]]` instead of calling the forward pass.
         """
         return None
+
     # ---- hooks for per-sample derivatives (jacobprop.derivatives) -------------
     def _input_vjp(self, cache, g) -> np.ndarray:
         """`g @ dy/dx` `(B, n)` alone: the vjp without the summed parameter gradients."""

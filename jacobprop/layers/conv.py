@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import check_float_dtype, check_rng
+from ..errors import check_float_dtype, check_positive_int, check_rng
 from ..jacobian import (
     ConvGeometry,
     ConvJacobian,
@@ -24,12 +24,6 @@ __all__ = ["Conv2D"]
 class ConvCache(NamedTuple):
     x: np.ndarray  # (B, C*H*W): the input
     columns: np.ndarray  # (C*kh*kw, B*L): its im2col columns, which dL/dW needs
-
-
-def _positive_int(value, where: str, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{where}: `{name}` must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _divisor(number: int, rng: np.random.Generator) -> int:
@@ -81,15 +75,15 @@ class Conv2D(SpatialLayer):
                  dtype=np.float64):
         super().__init__()
         where = "Conv2D"
-        self.in_channels = _positive_int(in_channels, where, "in_channels")
-        self.out_channels = _positive_int(out_channels, where, "out_channels")
+        self.in_channels = check_positive_int(in_channels, where=where, name="in_channels")
+        self.out_channels = check_positive_int(out_channels, where=where, name="out_channels")
         self.kernel_size = pair(kernel_size, where, "kernel_size")
         self.stride = pair(stride, where, "stride")
         self.padding = pair(padding, where, "padding", minimum=0)
         self.bias = bool(bias)
         self._geometry = None
-        dtype = check_float_dtype(dtype, where="Conv2D")
-        rng = check_rng(rng, where="Conv2D")
+        dtype = check_float_dtype(dtype, where=where)
+        rng = check_rng(rng, where=where)
         if input_shape is not None:
             self.bind_input_shape(input_shape)
         kh, kw = self.kernel_size
@@ -174,9 +168,7 @@ class Conv2D(SpatialLayer):
         grads = {"W": (rows @ cache.columns.T).reshape(self.params["W"].shape)}
         if self.bias:
             grads["b"] = np.add.reduce(rows, axis=1)
-        gx = None
-        if need_input:
-            gx = self.geometry.transposed_conv(self._matrix_w(), g)
+        gx = self._jacobian(cache)._vjp(g) if need_input else None  # the transposed conv
         return gx, grads
 
     def _affine_param_change(self, x, name, coords, steps):
@@ -192,10 +184,6 @@ class Conv2D(SpatialLayer):
         else:
             channel, delta = coords, steps[:, None, None]
         return channel[:, None] * positions + np.arange(positions), delta
-
-    def _jvp(self, cache, v):
-        rows = self._matrix_w() @ self.geometry.columns(v)
-        return from_channel_rows(rows, v.shape[0], self.geometry.positions)
 
     def _jacobian(self, cache):
         return ConvJacobian(self.params["W"], self.geometry, cache.x.shape[0])

@@ -320,8 +320,9 @@ class BatchNorm(_Norm):
     def _forward(self, x):
         dtype = x.dtype
         if not self.training:
-            inv_std = 1 / np.sqrt(self.running_var.astype(dtype) + dtype.type(self.eps))
-            normalized = (x - self.running_mean.astype(dtype)) * inv_std
+            inv_std = 1 / np.sqrt(self.running_var.astype(dtype, copy=False)
+                                  + dtype.type(self.eps))
+            normalized = (x - self.running_mean.astype(dtype, copy=False)) * inv_std
             return self._affine(normalized), NormCache(x, normalized, inv_std)
         batch = x.shape[0]
         mean = np.add.reduce(x, axis=0) / max(batch, 1)
@@ -333,17 +334,9 @@ class BatchNorm(_Norm):
         return self._affine(normalized), NormCache(x, normalized, inv_std, mean, unbiased)
 
     def _vjp(self, cache, g, need_input):
-        gx = None
-        if need_input:
-            scale = self._scale(g.dtype) * cache.inv_std
-            if cache.mean is None:
-                gx = g * scale
-            else:
-                gx = BatchNormJacobian(scale, cache.normalized)._vjp(g)
+        # Both Jacobians (eval diagonal, train coupled) apply in O(B k) without a block.
+        gx = self._jacobian(cache)._vjp(g) if need_input else None
         return gx, self._param_grads(cache, g)
-
-    def _jvp(self, cache, v):
-        return self._jacobian(cache)._call_jvp(v)
 
     def _jacobian(self, cache):
         scale = self._scale(cache.x.dtype) * cache.inv_std

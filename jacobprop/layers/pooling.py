@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..jacobian import PoolJacobian, SelectionJacobian, pool_windows
+from ..jacobian import ConvGeometry, PoolJacobian, SelectionJacobian, pool_windows
 from .activations import ActivationCache, Identity
 from .base import register_layer
 from .conv import _divisor
@@ -69,9 +69,9 @@ class _Pool2D(SpatialLayer):
                              f"`input_shape` {input_shape}")
 
     def _output_shape(self, input_shape):
-        channels, height, width = input_shape
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        return channels, (height - kh) // sh + 1, (width - kw) // sw + 1
+        # A window is a correlation kernel without padding: the same output size.
+        geometry = ConvGeometry(input_shape, self.kernel_size, self.stride, (0, 0))
+        return (input_shape[0], *geometry.output_hw)
 
     @property
     def _overlapping(self) -> bool:
@@ -218,9 +218,6 @@ class MaxPool2D(_Pool2D):
         return SelectionJacobian(cache.indices, cache.x.shape[1],
                                  distinct=not self._overlapping, dtype=cache.x.dtype)
 
-    def _vjp(self, cache, g, need_input):
-        return (self._jacobian(cache)._vjp(g) if need_input else None), {}
-
     def _jvp(self, cache, v):
         return np.take_along_axis(v, cache.indices, axis=1)
 
@@ -252,13 +249,8 @@ class AvgPool2D(_Pool2D):
         return PoolJacobian(self._windows_checked(), x.shape[1], x.shape[0], x.dtype)
 
     def _forward(self, x):
-        return self._jacobian(ActivationCache(x, None))._jvp(x), ActivationCache(x, None)
-
-    def _vjp(self, cache, g, need_input):
-        return (self._jacobian(cache)._vjp(g) if need_input else None), {}
-
-    def _jvp(self, cache, v):
-        return self._jacobian(cache)._jvp(v)
+        cache = ActivationCache(x, None)
+        return self._jacobian(cache)._jvp(x), cache
 
     def _second_vjp(self, cache, g, v, tangents, need_input=True):
         return None, {}  # linear

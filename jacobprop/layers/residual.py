@@ -258,6 +258,7 @@ class Residual(Layer):
             return _block_second_vjp(self.block, cache.block, g, v, tangents, need_input)
         return self.block._second_vjp(cache.block, g, v, tangents, need_input)
 
+
 def _chain(block: Layer) -> list[Layer]:
     """The layers `block` runs one after the other: a (nested) Sequential's, else itself."""
     from ..network import Sequential  # the network module imports the layers

@@ -53,8 +53,10 @@ def ravel_images(x, input_shape, where: str) -> np.ndarray:
 class SpatialLayer(Layer):
     """Base of the layers that read a sample as an image `(C, H, W)`.
 
-    Subclasses set `self._input_shape` (or leave it None until a `Sequential`
-    binds it) and define `_output_shape(input_shape)` and `_bind(input_shape)`.
+    Subclasses define `_output_shape(input_shape)` and, when some shapes do not
+    fit, `_check_shape(input_shape)`; `bind_input_shape` (from the constructor's
+    `input_shape`, or from a `Sequential`) fixes the shape once, and a subclass
+    extends it to derive its geometry there.
     """
 
     _input_shape: tuple[int, int, int] | None = None
