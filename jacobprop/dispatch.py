@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["standard", "resolve_dispatch"]
+__all__ = ["standard", "resolve_dispatch", "add_to_registry"]
 
 
 def standard(method: Callable) -> Callable:
@@ -44,3 +44,14 @@ def resolve_dispatch(cls: type) -> None:
         else:
             target = getattr(cls, f"_public_{public}")
         setattr(cls, f"_call_{public}", target)
+
+
+def add_to_registry(table: dict, cls: type, decorator: str, kind: str) -> type:
+    """Add `cls` to a registry `table` under its class name; a second, different class
+    of that name is refused (a silent overwrite would change what every registry-driven
+    test, strategy and CLI name means)."""
+    name = cls.__name__
+    if name in table and table[name] is not cls:
+        raise ValueError(f"{decorator}: a different {kind} named {name!r} is registered")
+    table[name] = cls
+    return cls

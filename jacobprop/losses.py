@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 from scipy.special import expit, log_expit
 
-from .dispatch import resolve_dispatch, standard
+from .dispatch import add_to_registry, resolve_dispatch, standard
 from .errors import ShapeError, check_batch_matrix
 from .jacobian import GeneralJacobian
 from .layers.activations import stable_exp_shifted
@@ -41,11 +41,7 @@ def register_loss(cls: type[Loss]) -> type[Loss]:
     A second, different class of the same name is refused (as `register_layer`
     does): a silent overwrite would change what every test and CLI name means.
     """
-    name = cls.__name__
-    if name in LOSSES and LOSSES[name] is not cls:
-        raise ValueError(f"register_loss: a different loss named {name!r} is registered")
-    LOSSES[name] = cls
-    return cls
+    return add_to_registry(LOSSES, cls, "register_loss", "loss")
 
 
 class Loss:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..dispatch import is_standard, resolve_dispatch, standard
+from ..dispatch import add_to_registry, is_standard, resolve_dispatch, standard
 from ..errors import check_batch_matrix
 from ..jacobian import Jacobian
 
@@ -33,12 +33,9 @@ LAYERS: dict[str, type[Layer]] = {}
 
 
 def register_layer(cls: type[Layer]) -> type[Layer]:
-    """Class decorator: add `cls` to `LAYERS` under its class name."""
-    name = cls.__name__
-    if name in LAYERS and LAYERS[name] is not cls:
-        raise ValueError(f"register_layer: a different layer named {name!r} is registered")
-    LAYERS[name] = cls
-    return cls
+    """Class decorator: add `cls` to `LAYERS` under its class name (a different class
+    of the same name is refused)."""
+    return add_to_registry(LAYERS, cls, "register_layer", "layer")
 
 
 class Layer:
