@@ -197,7 +197,7 @@ class EarlyStopping(Callback):
                 self._best_params = {k: v.copy() for k, v in context.net.params.items()}
             return
         self._wait += 1
-        if self._wait >= max(self.patience, 1):
+        if self._wait >= self.patience:  # _wait is >= 1 here, so patience 0 stops at once
             self.stopped_epoch = context.epoch
             context.stop_training = True
 

@@ -273,6 +273,18 @@ def test_early_stopping_counts_patience_and_restores_the_best_parameters():
     assert np.array_equal(context.net.params["w"], [1.0, 1.0])
 
 
+def test_early_stopping_with_patience_zero_stops_at_the_first_epoch_without_improvement():
+    stopper = jp.EarlyStopping(patience=0, restore_best=False)
+    context = jp.FitContext(FakeNet(), jp.SGD(), jp.History())
+    stopper.on_fit_begin(context)
+    for epoch, value in enumerate([3.0, 2.0, 2.5, 1.0]):
+        context.epoch, context.logs = epoch, {"loss": value}
+        stopper.on_epoch_end(context)
+        if context.stop_training:
+            break
+    assert (stopper.best_epoch, stopper.stopped_epoch) == (1, 2)
+
+
 def test_early_stopping_in_a_fit_keeps_the_best_validation_epoch():
     rng = np.random.default_rng(27)
     x, t = rng.standard_normal((30, 2)), rng.integers(0, 3, size=30)  # noise: overfits
@@ -353,6 +365,6 @@ def test_bench_train_command_runs_and_refuses_bad_options(capsys):
     assert "noisy sine" in out and "lm below Adam" in out and "digits (1348 train" in out
     assert main(["bench", "train", "--parts", "nope"]) == 2
     assert main(["bench", "train", "--seeds", "0"]) == 2
-    assert "--seeds must be >= 1" in capsys.readouterr().err
+    assert "--seeds: expected one positive integer, got '0'" in capsys.readouterr().err
     assert main(["bench", "train", "--json", "/no/such/folder/train.json"]) == 2
     assert "does not exist" in capsys.readouterr().err
