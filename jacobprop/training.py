@@ -27,7 +27,7 @@ import numpy as np
 from .errors import ShapeError, check_positive_int, check_rng
 from .losses import Loss
 from .network import Sequential
-from .optim import Optimizer
+from .optim import Optimizer, _is_nonnegative
 
 __all__ = [
     "fit",
@@ -326,7 +326,7 @@ def _plan(net, X, T, loss, optimizer, epochs, batch_size, rng, validation, clip_
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         check_positive_int(value, where="fit", name=name)
     rng = check_rng(rng, where="fit")
-    if clip_norm is not None and not (np.isfinite(clip_norm) and clip_norm > 0):
+    if clip_norm is not None and not (_is_nonnegative(clip_norm) and clip_norm > 0):
         raise ValueError(f"fit: `clip_norm` must be a positive number, got {clip_norm!r}")
     optimizer._check(net.params, net.params)  # the grads of every step share this layout
     X, T = _validated_data(net, loss, X, T, "X", "T")
