@@ -26,10 +26,14 @@ from .errors import ShapeError
 __all__ = ["Optimizer", "SGD", "Adam"]
 
 
+def _is_nonnegative(value) -> bool:
+    """A finite real number >= 0 (a bool is not a number here)."""
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+            and bool(np.isfinite(value)) and value >= 0)
+
+
 def _check_nonnegative(where: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        np.isfinite(value) and value >= 0
-    ):
+    if not _is_nonnegative(value):
         raise ValueError(f"{where}: `{name}` must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -81,9 +85,7 @@ class Optimizer:
         if not callable(self.lr):
             return self.lr
         lr = self.lr(self.steps)
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (
-            np.isfinite(lr) and lr >= 0
-        ):
+        if not _is_nonnegative(lr):
             raise ValueError(f"{type(self).__name__}: the schedule `lr` returned {lr!r} at "
                              f"step {self.steps}; expected a finite number >= 0")
         return float(lr)

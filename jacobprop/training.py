@@ -27,7 +27,7 @@ import numpy as np
 from .errors import ShapeError, check_positive_int, check_rng
 from .losses import Loss
 from .network import Sequential
-from .optim import Optimizer
+from .optim import Optimizer, _is_nonnegative
 
 __all__ = [
     "fit",
@@ -197,7 +197,7 @@ class EarlyStopping(Callback):
                 self._best_params = {k: v.copy() for k, v in context.net.params.items()}
             return
         self._wait += 1
-        if self._wait >= max(self.patience, 1):
+        if self._wait >= self.patience:  # _wait is >= 1 here, so patience 0 stops at once
             self.stopped_epoch = context.epoch
             context.stop_training = True
 
@@ -326,7 +326,7 @@ def _plan(net, X, T, loss, optimizer, epochs, batch_size, rng, validation, clip_
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         check_positive_int(value, where="fit", name=name)
     rng = check_rng(rng, where="fit")
-    if clip_norm is not None and not (np.isfinite(clip_norm) and clip_norm > 0):
+    if clip_norm is not None and not (_is_nonnegative(clip_norm) and clip_norm > 0):
         raise ValueError(f"fit: `clip_norm` must be a positive number, got {clip_norm!r}")
     optimizer._check(net.params, net.params)  # the grads of every step share this layout
     X, T = _validated_data(net, loss, X, T, "X", "T")

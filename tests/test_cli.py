@@ -328,7 +328,7 @@ def test_table_states_machine_and_method(capsys):
         (["bench", "jacobian", "--dtype", "float16"], "unsupported dtype 'float16'"),
         (["bench", "grad", "--against", "mxnet"], "unknown peer 'mxnet'"),
         (["bench", "--suite", "nope"], "invalid choice: 'nope'"),
-        (["bench", "--repeats", "-3"], "positive integers"),
+        (["bench", "--repeats", "-3"], "expected one positive integer, got '-3'"),
         (["bench", "grad", "--json", "/nonexistent-dir/out.json"], "does not exist"),
         (["bench", "--suite", "targets", "grad"], "cannot be combined"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -336,6 +336,11 @@ def test_table_states_machine_and_method(capsys):
         (["bench", "--dtype=float32", "grad"], "--dtype is an option of a workload"),
         (["bench", "-q", "--in-features", "4", "jacobian"], "'jacobprop bench grad --in-f"),
         ([], "choose a command"),
+        (["bench", "train", "--seeds", "0"], "--seeds: expected one positive integer"),
+        (["bench", "train", "--step-repeats", "-1"], "expected one positive integer"),
+        (["bench", "train", "--parts", "digits,nope"], "--parts must name some of digits"),
+        (["bench", "train", "--parts", ","], "--parts must name some of digits"),
+        (["bench", "cnn", "--digits", "--epochs", "0"], "--epochs: expected one positive"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(argv, hint, capsys):

@@ -172,9 +172,12 @@ def test_schedule_is_called_with_the_step_index():
     assert got == pytest.approx([0.9, 0.85, 0.85 - 0.1 / 3])
 
 
-def test_schedule_returning_garbage_is_an_error():
-    with pytest.raises(ValueError, match="schedule"):
-        run(jp.Adam(lambda step: float("nan")), 1.0, [1.0])
+@pytest.mark.parametrize("returned", [float("nan"), -0.1, True, "0.1"])
+def test_schedule_returning_garbage_is_an_error(returned):
+    params = one_param(1.0)
+    with pytest.raises(ValueError, match=r"schedule `lr` returned .* at step 0"):
+        jp.Adam(lambda step: returned).step(params, {"w": np.ones(1)})
+    assert params["w"][0] == 1.0
 
 
 def test_the_layout_is_fixed_by_the_first_step_not_by_a_check():

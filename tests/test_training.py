@@ -273,6 +273,18 @@ def test_early_stopping_counts_patience_and_restores_the_best_parameters():
     assert np.array_equal(context.net.params["w"], [1.0, 1.0])
 
 
+def test_early_stopping_with_patience_zero_stops_at_the_first_epoch_without_improvement():
+    stopper = jp.EarlyStopping(patience=0, restore_best=False)
+    context = jp.FitContext(FakeNet(), jp.SGD(), jp.History())
+    stopper.on_fit_begin(context)
+    for epoch, value in enumerate([3.0, 2.0, 2.5, 1.0]):
+        context.epoch, context.logs = epoch, {"loss": value}
+        stopper.on_epoch_end(context)
+        if context.stop_training:
+            break
+    assert (stopper.best_epoch, stopper.stopped_epoch) == (1, 2)
+
+
 def test_early_stopping_in_a_fit_keeps_the_best_validation_epoch():
     rng = np.random.default_rng(27)
     x, t = rng.standard_normal((30, 2)), rng.integers(0, 3, size=30)  # noise: overfits
@@ -327,6 +339,9 @@ def test_progress_output(capsys, monkeypatch):
     (dict(X=np.full((60, 2), np.nan)), ValueError, "non-finite"),
     (dict(X=np.zeros((0, 2)), T=np.zeros(0, dtype=int)), ValueError, "no samples"),
     (dict(epochs=0), ValueError, "epochs"),
+    (dict(clip_norm="1"), ValueError, "`clip_norm` must be a positive number, got '1'"),
+    (dict(clip_norm=True), ValueError, "`clip_norm` must be a positive number, got True"),
+    (dict(clip_norm=0.0), ValueError, "`clip_norm` must be a positive number, got 0.0"),
     (dict(batch_size=1.5), ValueError, "batch_size"),
     (dict(rng=3), TypeError, "rng"),
     (dict(optimizer="adam"), TypeError, "optimizer"),
@@ -353,6 +368,6 @@ def test_bench_train_command_runs_and_refuses_bad_options(capsys):
     assert "noisy sine" in out and "lm below Adam" in out and "digits (1348 train" in out
     assert main(["bench", "train", "--parts", "nope"]) == 2
     assert main(["bench", "train", "--seeds", "0"]) == 2
-    assert "--seeds must be >= 1" in capsys.readouterr().err
+    assert "--seeds: expected one positive integer, got '0'" in capsys.readouterr().err
     assert main(["bench", "train", "--json", "/no/such/folder/train.json"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from .models import (
     build_mlp,
     dense_weights,
     forward_flops,
+    reference_forward,
     relative_deviation,
 )
 from .peers import PeerUnsupported, import_jax, import_peer, jax_activation, torch_activation
@@ -136,13 +137,9 @@ def numpy_ntk(weights, x, activation="ReLU", trace=False):
     down: `L_last = I`, `L_{l-1} = (L_l W_l) * f'(z_{l-1})`. Returns
     `(B, B, m, m)` (or `(B, B)` with `trace`).
     """
-    forward, backward = REFERENCE_ACTIVATIONS[activation]
+    backward = REFERENCE_ACTIVATIONS[activation][1]
     last = len(weights) - 1
-    inputs, h = [], x
-    for index, (W, b) in enumerate(weights):
-        inputs.append(h)
-        z = h @ W.T + b
-        h = forward(z) if index < last else z
+    inputs, h = reference_forward(weights, x, activation)
     batch, m = h.shape
     kernel = np.zeros((batch, batch) if trace else (batch, m, batch, m), dtype=x.dtype)
     gram_in = inputs[last] @ inputs[last].T + 1
@@ -259,16 +256,10 @@ def numpy_per_sample(weights, x, labels, activation="ReLU"):
     The batch backward of `reference_value_and_grad`, with `dW_l` replaced by
     the einsum of per-sample outer products `G_i a_i^T`.
     """
-    forward, backward = REFERENCE_ACTIVATIONS[activation]
+    backward = REFERENCE_ACTIVATIONS[activation][1]
     batch = x.shape[0]
     last = len(weights) - 1
-    inputs, h = [], x
-    for index, (W, b) in enumerate(weights):
-        inputs.append(h)
-        z = h @ W.T
-        z += b
-        h = forward(z) if index < last else z
-    y = h
+    inputs, y = reference_forward(weights, x, activation)
     y -= y.max(axis=1, keepdims=True)
     p = np.exp(y)
     p /= p.sum(axis=1, keepdims=True)
@@ -388,14 +379,10 @@ class _NumpyCurvature:
     """
 
     def __init__(self, weights, x, labels, activation):
-        forward, self.backward = REFERENCE_ACTIVATIONS[activation]
+        self.backward = REFERENCE_ACTIVATIONS[activation][1]
         self.weights, self.batch = weights, x.shape[0]
         last = len(weights) - 1
-        inputs, h = [], x
-        for index, (W, b) in enumerate(weights):
-            inputs.append(h)
-            z = h @ W.T + b
-            h = forward(z) if index < last else z
+        inputs, h = reference_forward(weights, x, activation)
         self.inputs = inputs
         p = np.exp(h - h.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)

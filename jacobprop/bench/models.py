@@ -25,6 +25,7 @@ __all__ = [
     "dense_weights",
     "grad_flops",
     "forward_flops",
+    "reference_forward",
     "reference_value_and_grad",
     "REFERENCE_ACTIVATIONS",
     "relative_deviation",
@@ -230,6 +231,40 @@ def softmax_cross_entropy_head(y: np.ndarray, labels) -> tuple[float, np.ndarray
     return value, p
 
 
+def reference_forward(weights, x, activation="ReLU"):
+    """The MLP's forward pass by hand, keeping what the hand-written backward passes read.
+
+    Parameters
+    ----------
+    weights : list of (W, b)
+        `W` `(m_l, n_l)`, `b` `(m_l,)` for each Dense layer.
+    x : ndarray `(B, n_0)`
+    activation : str
+        A key of `REFERENCE_ACTIVATIONS`, applied after every Dense but the last.
+
+    Returns
+    -------
+    inputs : list of ndarray
+        `a_{l-1}` `(B, n_l)`, the input of each Dense layer (`a_0 = x`); the
+        activation backward passes take these outputs of `f`.
+    y : ndarray `(B, m_L)`
+        The last `z`, a new array (callers may shift it in place).
+
+    Notes
+    -----
+    `z_l = a_{l-1} W_l^T + b_l`, `a_l = f(z_l)`, no activation after the last layer.
+    """
+    forward = REFERENCE_ACTIVATIONS[activation][0]
+    last = len(weights) - 1
+    inputs, h = [], x
+    for index, (W, b) in enumerate(weights):
+        inputs.append(h)
+        z = h @ W.T
+        z += b
+        h = forward(z) if index < last else z
+    return inputs, h
+
+
 def reference_value_and_grad(weights, x, labels, activation="ReLU"):
     """Softmax cross-entropy of an MLP and its gradients, written out in NumPy.
 
@@ -255,18 +290,11 @@ def reference_value_and_grad(weights, x, labels, activation="ReLU"):
     Backward: `G = (softmax(y) - onehot(t)) / B`; per layer from the top,
     `dW_l = G^T a_{l-1}`, `db_l = sum_i G_i`, then `G <- (G W_l) * f'(z_{l-1})`.
     """
-    forward, backward = REFERENCE_ACTIVATIONS[activation]
-    last = len(weights) - 1
-    inputs = []
-    h = x
-    for index, (W, b) in enumerate(weights):
-        inputs.append(h)
-        z = h @ W.T
-        z += b
-        h = forward(z) if index < last else z
-    value, g = softmax_cross_entropy_head(h, labels)
+    backward = REFERENCE_ACTIVATIONS[activation][1]
+    inputs, y = reference_forward(weights, x, activation)
+    value, g = softmax_cross_entropy_head(y, labels)
     grads = [None] * len(weights)
-    for index in range(last, -1, -1):
+    for index in range(len(weights) - 1, -1, -1):
         grads[index] = (g.T @ inputs[index], g.sum(axis=0))
         if index > 0:
             g = g @ weights[index][0]

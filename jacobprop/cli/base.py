@@ -41,10 +41,10 @@ def positive_ints(text: str) -> list[int]:
 
 
 def positive_int(text: str) -> int:
-    values = positive_ints(text)
-    if len(values) != 1:
+    item = text.strip()
+    if not item.isdigit() or int(item) < 1:
         raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
-    return values[0]
+    return int(item)
 
 
 def positive_float(text: str) -> float:

@@ -204,15 +204,15 @@ def _add_grid_arguments(sub, defaults: dict) -> None:
 def _add_train_arguments(parser) -> None:
     from ..bench.train import PARTS
 
-    parser.add_argument("--seeds", type=int, default=5, metavar="N",
+    parser.add_argument("--seeds", type=positive_int, default=5, metavar="N",
                         help="seeds (splits, initial weights, shuffling) per comparison "
                              "(default 5)")
-    parser.add_argument("--epochs", type=int, default=200, metavar="N",
+    parser.add_argument("--epochs", type=positive_int, default=200, metavar="N",
                         help="digits epochs for both libraries (default 200, "
                              "MLPClassifier's max_iter default)")
-    parser.add_argument("--adam-steps", type=int, default=5000, metavar="N",
+    parser.add_argument("--adam-steps", type=positive_int, default=5000, metavar="N",
                         help="full-batch Adam steps on the noisy sine (default 5000)")
-    parser.add_argument("--step-repeats", type=int, default=15, metavar="N",
+    parser.add_argument("--step-repeats", type=positive_int, default=15, metavar="N",
                         help="interleaved rounds of the step timing (default 15)")
     parser.add_argument("--parts", default=",".join(PARTS), metavar="LIST",
                         help="which parts to run: digits, sine, step, optim (the optimizers "
@@ -231,7 +231,7 @@ def _add_cnn_arguments(parser) -> None:
                         help="float64 and/or float32 (default both)")
     parser.add_argument("--digits", action="store_true",
                         help="train on scikit-learn's digits (3 seeds) instead of timing")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of the digits run")
+    parser.add_argument("--epochs", type=positive_int, default=30, help="epochs of the digits run")
 
 
 def add_parser(commands) -> None:
@@ -403,13 +403,9 @@ def plan_train(args, argv) -> TrainPlan:
 
     parts = names(args.parts)
     unknown = sorted(set(parts) - set(PARTS))
-    numbers = {"--seeds": args.seeds, "--epochs": args.epochs,
-               "--adam-steps": args.adam_steps, "--step-repeats": args.step_repeats}
-    bad = [name for name, value in numbers.items() if value < 1]
     if unknown or not parts:
-        raise UsageError(f"jacobprop bench train: unknown parts {unknown}")
-    if bad:
-        raise UsageError(f"jacobprop bench train: {bad[0]} must be >= 1")
+        raise UsageError(f"jacobprop bench train: --parts must name some of "
+                         f"{', '.join(PARTS)}; got {args.parts!r}")
     if args.json_path is not None:
         check_writable(args.json_path, "--json")
     options = TrainOptions(seeds=args.seeds, epochs=args.epochs, adam_steps=args.adam_steps,
