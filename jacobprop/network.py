@@ -282,6 +282,34 @@ class Sequential(Layer):
                 suffix = step if suffix is None else suffix @ step
         return self._collect(reversed(per_layer))
 
+    # ---- hooks of jacobprop.derivatives: layer by layer, never the stack's Jacobian ----
+    # Whole networks are walked leaf by leaf in jacobprop.derivatives; these let a
+    # stack used as a layer (a Residual block) answer the same hooks as any layer.
+    def _input_vjp(self, cache, g):
+        from .derivatives import _block_input_vjp
+
+        return _block_input_vjp(self, cache, g)
+
+    def _per_sample_grads(self, cache, g):
+        from .derivatives import _block_per_sample
+
+        return _block_per_sample(self, cache, g, norms=False)
+
+    def _per_sample_sq_norms(self, cache, g):
+        from .derivatives import _block_per_sample
+
+        return _block_per_sample(self, cache, g, norms=True)
+
+    def _param_jvp(self, cache, tangents):
+        from .derivatives import _block_param_jvp
+
+        return _block_param_jvp(self, cache, tangents)
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        from .derivatives import _block_second_vjp
+
+        return _block_second_vjp(self, cache, g, v, tangents, need_input)
+
     def _collect(self, per_layer) -> dict:
         """Merge per-layer dicts into one keyed `"<index>.<name>"`, in layer order."""
         merged = {}

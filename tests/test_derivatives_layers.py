@@ -449,6 +449,27 @@ def test_residual_per_sample_hooks_equal_the_parameter_jacobian_default(nested):
     np.testing.assert_allclose(layer._per_sample_sq_norms(cache, g), want, rtol=1e-12)
 
 
+def test_sequential_derivative_hooks_equal_the_parameter_jacobian_defaults():
+    # A stack used as a layer answers the hooks leaf by leaf; the Layer defaults
+    # go through its (composed) parameter Jacobians and its full dy/dx.
+    rng = np.random.default_rng(235)
+    net = jp.Sequential(jp.Dense(4, 5, rng=rng), jp.Sequential(jp.Tanh(), jp.Dense(5, 3, rng=rng)),
+                        jp.Softplus())
+    _, cache = net.forward(rng.standard_normal((3, 4)))
+    g = rng.standard_normal((3, 3))
+    np.testing.assert_allclose(net._input_vjp(cache, g), jp.Layer._input_vjp(net, cache, g),
+                               rtol=1e-12, atol=1e-14)
+    rows, default = net._per_sample_grads(cache, g), jp.Layer._per_sample_grads(net, cache, g)
+    assert list(rows) == list(default) == list(net.params)
+    for key in rows:
+        np.testing.assert_allclose(rows[key], default[key], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(net._per_sample_sq_norms(cache, g),
+                               jp.Layer._per_sample_sq_norms(net, cache, g), rtol=1e-12)
+    tangents = {key: rng.standard_normal(p.shape) for key, p in net.params.items()}
+    np.testing.assert_allclose(net._param_jvp(cache, tangents),
+                               jp.Layer._param_jvp(net, cache, tangents), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("name", ["Residual", "LayerNorm", "BatchNorm"])
 def test_input_vjp_shortcuts_equal_the_jacobian_vjp(name):
     rng = np.random.default_rng(240 + len(name))
