@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
-from .errors import ShapeError
+from .errors import ShapeError, check_positive_int
 from .flat import FlatParams
 from .jacobian import (
     GeneralJacobian,
@@ -357,9 +357,7 @@ def jacobian_in_pieces(net, x, order: str, max_bytes: int) -> GeneralJacobian:
     dense, `(B, m, n)`, equal to the unpieced one; it carries the plan.
     """
     where = "Sequential.jacobian"
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) \
-            or max_bytes < 1:
-        raise ValueError(f"{where}: `max_bytes` must be a positive integer, got {max_bytes!r}")
+    max_bytes = check_positive_int(max_bytes, where=where, name="max_bytes")
     _refuse_coupled(net, f"{where} with `max_bytes`")
     batch = x.shape[0]
     if batch == 0:

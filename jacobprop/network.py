@@ -25,12 +25,11 @@ from .layers.base import Layer
 from .layers.pooling import Flatten
 from .layers.spatial import SpatialLayer, ravel_images
 from .losses import Loss
-from .plan import _multiply_planned, plan_chain
+from .plan import _multiply_planned, check_order, plan_chain
 
 __all__ = ["Sequential", "SequentialCache"]
 
 _MODES = ("vjp", "jacobian")
-_ORDERS = ("auto", "forward", "reverse")
 
 
 class SequentialCache(NamedTuple):
@@ -353,10 +352,7 @@ class Sequential(Layer):
             Its `plan` attribute (`jacobprop.plan.ChainPlan`) holds the order
             chosen, the predicted flops and the predicted peak bytes.
         """
-        if order not in _ORDERS:
-            raise ValueError(
-                f"Sequential.jacobian: `order` must be one of {_ORDERS}, got {order!r}"
-            )
+        check_order(order, where="Sequential.jacobian")
         if max_bytes is not None:
             from .derivatives import jacobian_in_pieces
 
@@ -371,10 +367,7 @@ class Sequential(Layer):
 
     def jacobian_cost(self, x_or_cache, order: str = "auto") -> int:
         """The flop estimate the plan assigns to `jacobian(x, order)`."""
-        if order not in _ORDERS:
-            raise ValueError(
-                f"Sequential.jacobian_cost: `order` must be one of {_ORDERS}, got {order!r}"
-            )
+        check_order(order, where="Sequential.jacobian_cost")
         if isinstance(x_or_cache, SequentialCache):
             cache = x_or_cache
         else:
