@@ -209,16 +209,16 @@ def _plan_items(items: tuple, order: str, itemsize: int, forward: bool = False) 
 
 
 def _fixed_tree(items, order):
+    """`(flops, tree)` of the left-deep ("reverse") or right-deep ("forward") sweep."""
     count = len(items)
     indices = list(range(count)) if order == "reverse" else list(range(count - 1, -1, -1))
-    tree, item, total = indices[0], items[indices[0]], 0
+    item, total = items[indices[0]], 0
     for index in indices[1:]:
         pair = (item, items[index]) if order == "reverse" else (items[index], item)
         cls, cost, _ = product_estimate(*pair)
         total += cost
         item = (cls, _product_shape(*pair))
-        tree = (tree, index) if order == "reverse" else (index, tree)
-    return total, tree
+    return total, _fixed_tree_shape(count, order)
 
 
 def _best_tree(items):
