@@ -251,24 +251,6 @@ def test_per_sample_gradients_through_a_residual_and_eval_batchnorm_sum_to_the_b
                                np.linalg.norm(flat_rows, axis=1), rtol=1e-10)
 
 
-def test_every_per_sample_path_refuses_train_mode_batchnorm():
-    rng = np.random.default_rng(170)
-    net = jp.Sequential(jp.Dense(3, 4, rng=rng), jp.Residual(jp.BatchNorm(4)),
-                        jp.Dense(4, 2, rng=rng))
-    x, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
-    match = r"layer 1 \(Residual\(BatchNorm.*couples samples"
-    with pytest.raises(ValueError, match=match):
-        net.value_and_grad(x, t, jp.MSE(), per_sample=True)
-    with pytest.raises(ValueError, match=match):
-        net.per_sample_grad_norms(x, t, jp.MSE())
-    with pytest.raises(ValueError, match=match):
-        net.param_jacobian(x)
-    with pytest.raises(ValueError, match=match):
-        jp.ntk(net, x)
-    net.eval()  # eval mode is per-sample again
-    assert net.per_sample_grad_norms(x, t, jp.MSE()).shape == (4,)
-
-
 # ---- parameter Jacobian and NTK of a CNN ----------------------------------------------------
 def numeric_param_jacobian(net, x, step=1e-6):
     flat = FlatParams(net.params)
