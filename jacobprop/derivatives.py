@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
-from .errors import ShapeError
+from .errors import ShapeError, check_positive_int
 from .flat import FlatParams
 from .jacobian import (
     GeneralJacobian,
@@ -137,19 +137,7 @@ def per_sample_value_and_grad(net, x, t, loss: Loss):
     """
     _check_per_sample(net, loss, "Sequential.value_and_grad(per_sample=True)")
     _, _, cache, value, g = _forward_and_loss(net, x, t, loss)
-    per_layer = []
-    leaves = _leaves(net, cache)
-    for position in range(len(leaves) - 1, -1, -1):
-        layer, layer_cache, keys = leaves[position]
-        if keys:
-            own = layer._per_sample_grads(layer_cache, g)
-            per_layer.append({keys[name]: own[name] for name in keys})
-        if position > 0:
-            g = layer._input_vjp(layer_cache, g)
-    merged = {}
-    for grads in reversed(per_layer):
-        merged.update(grads)
-    return value, merged
+    return value, _block_per_sample(net, cache, g, norms=False)
 
 
 def per_sample_grad_norms(net, x, t, loss: Loss) -> np.ndarray:
@@ -163,15 +151,10 @@ def per_sample_grad_norms(net, x, t, loss: Loss) -> np.ndarray:
     """
     _check_per_sample(net, loss, "Sequential.per_sample_grad_norms")
     _, _, cache, _, g = _forward_and_loss(net, x, t, loss)
-    total = np.zeros(g.shape[0], dtype=g.dtype)
-    leaves = _leaves(net, cache)
-    for position in range(len(leaves) - 1, -1, -1):
-        layer, layer_cache, keys = leaves[position]
-        if keys:
-            total += layer._per_sample_sq_norms(layer_cache, g)
-        if position > 0:
-            g = layer._input_vjp(layer_cache, g)
-    return np.sqrt(total)
+    total = _block_per_sample(net, cache, g, norms=True)
+    if total is None:  # no parameters
+        return np.zeros(g.shape[0], dtype=g.dtype)
+    return np.sqrt(np.asarray(total, dtype=g.dtype))
 
 
 # ---- the parameter Jacobian -----------------------------------------------------------
@@ -374,9 +357,7 @@ def jacobian_in_pieces(net, x, order: str, max_bytes: int) -> GeneralJacobian:
     dense, `(B, m, n)`, equal to the unpieced one; it carries the plan.
     """
     where = "Sequential.jacobian"
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) \
-            or max_bytes < 1:
-        raise ValueError(f"{where}: `max_bytes` must be a positive integer, got {max_bytes!r}")
+    max_bytes = check_positive_int(max_bytes, where=where, name="max_bytes")
     _refuse_coupled(net, f"{where} with `max_bytes`")
     batch = x.shape[0]
     if batch == 0:
@@ -457,16 +438,8 @@ class Curvature:
         self.y, self.t, self.loss = y, t, loss
         self.leaves = _leaves(net, cache)
         self.dtype = np.result_type(y.dtype, self.flat.dtype)
-        self.covectors = None
-        if exact:
-            # g_l, the covector at each leaf's output, for the second-order terms.
-            covectors = [None] * len(self.leaves)
-            for position in range(len(self.leaves) - 1, -1, -1):
-                covectors[position] = g
-                if position > 0:
-                    leaf = self.leaves[position]
-                    g = leaf.layer._input_vjp(leaf.cache, g)
-            self.covectors = covectors
+        # g_l, the covector at each leaf's output, for the second-order terms.
+        self.covectors = _covectors(self.leaves, g) if exact else None
 
     @property
     def operator(self) -> LinearOperator:
@@ -482,15 +455,7 @@ class Curvature:
                              f"{self.flat.size} entries (P), got {v.shape[0]}")
         tangents = self.flat.unflatten(v.astype(self.dtype, copy=False))
         leaves = self.leaves
-        inputs = [None] * len(leaves)  # r_l, the tangent of each leaf's input (None: zero)
-        r = None
-        for position, (layer, layer_cache, keys) in enumerate(leaves):
-            inputs[position] = r
-            out = None if r is None else layer._call_jvp(layer_cache, r)
-            if keys:
-                moved = layer._param_jvp(layer_cache, {n: tangents[k] for n, k in keys.items()})
-                out = moved if out is None else out + moved
-            r = out
+        inputs, r = _tangent_sweep(leaves, None, tangents)
         if r is None:
             r = np.zeros_like(self.y)
         rg = self.loss._hessian_product(self.y, self.t, r)
@@ -519,14 +484,36 @@ def _block_param_jvp(block, cache, tangents) -> np.ndarray | None:
     `tangents` is keyed as `block.params`; the tangent is pushed through the
     later layers by their jvps.
     """
-    r = None
-    for layer, layer_cache, keys in _leaves(block, cache):
+    return _tangent_sweep(_leaves(block, cache), None, tangents)[1]
+
+
+def _tangent_sweep(leaves, v, tangents):
+    """`(inputs, r)`: the forward-mode sweep of the R-operator through `leaves`.
+
+    Starting from the input tangent `v` (None: zero), each leaf maps
+    `r_out = J_x r_in + sum_p dy/dvec(p) t_p` (its `jvp` plus `_param_jvp`
+    along `tangents`, keyed by full key). `inputs[l]` is the tangent of leaf
+    l's input and `r` that of the last output; None means zero.
+    """
+    inputs, r = [], v
+    for layer, layer_cache, keys in leaves:
+        inputs.append(r)
         out = None if r is None else layer._call_jvp(layer_cache, r)
         if keys:
             moved = layer._param_jvp(layer_cache, {n: tangents[k] for n, k in keys.items()})
             out = moved if out is None else out + moved
         r = out
-    return r
+    return inputs, r
+
+
+def _covectors(leaves, g) -> list:
+    """`[g_l]`: the covector at each leaf's output, pulled back from `g` at the last."""
+    covectors = [None] * len(leaves)
+    for position in range(len(leaves) - 1, -1, -1):
+        covectors[position] = g
+        if position > 0:
+            g = leaves[position].layer._input_vjp(leaves[position].cache, g)
+    return covectors
 
 
 def _block_input_vjp(block, cache, g) -> np.ndarray:
@@ -537,10 +524,12 @@ def _block_input_vjp(block, cache, g) -> np.ndarray:
 
 
 def _block_per_sample(block, cache, g, norms: bool):
-    """`Layer._per_sample_grads` (or `_per_sample_sq_norms`) of a `Sequential` block.
+    """`Layer._per_sample_grads` (or `_per_sample_sq_norms`) of a `Sequential`.
 
-    The covector is walked back through the block's layers as in
-    `per_sample_value_and_grad`; rows are keyed as `block.params`.
+    The covector `g` at the output is walked back through the leaves by their
+    `_input_vjp`s; each leaf with parameters adds its unsummed vjps (or their
+    squared norms, summed: `(B,)`, None without parameters). Rows are keyed as
+    `block.params`, so for the outermost network as `net.params`.
     """
     leaves = _leaves(block, cache)
     rows, total = {}, None
@@ -569,19 +558,8 @@ def _block_second_vjp(block, cache, g, v, tangents, need_input=True):
     `g_l` (pulled back from `g`). Returns `(input part or None, {key: part})`.
     """
     leaves = _leaves(block, cache)
-    inputs, r = [], v
-    for layer, layer_cache, keys in leaves:
-        inputs.append(r)
-        out = None if r is None else layer._call_jvp(layer_cache, r)
-        if keys:
-            moved = layer._param_jvp(layer_cache, {n: tangents[k] for n, k in keys.items()})
-            out = moved if out is None else out + moved
-        r = out
-    covectors = [None] * len(leaves)
-    for position in range(len(leaves) - 1, -1, -1):
-        covectors[position] = g
-        if position > 0:
-            g = leaves[position].layer._input_vjp(leaves[position].cache, g)
+    inputs, _ = _tangent_sweep(leaves, v, tangents)
+    covectors = _covectors(leaves, g)
     change, grads = None, {}  # the change of the covector, None meaning zero
     for position in range(len(leaves) - 1, -1, -1):
         layer, layer_cache, keys = leaves[position]

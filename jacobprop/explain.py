@@ -8,7 +8,7 @@ layers, every parameter gradient is read off as `sum_i G_i @ dy_i/dvec(p)`
 `G @ dy_l/dx_l`. Each step records the operator it multiplies by (its
 structure kind and shape), what that operator stores against a dense
 `(B, m, n)` block, and the flops the engine's own cost model
-(`jacobprop.jacobian.chain_cost`) assigns to the product.
+(`jacobprop.plan.plan_chain`) assigns to the product.
 
 Without a loss, the trace is that of `net.jacobian(x)`: the layer Jacobians
 `J_l = dy_l/dx_l` and the products of the accumulation plan the engine picks
@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .jacobian import GeneralJacobian, Jacobian, chain_cost
+from .jacobian import GeneralJacobian, Jacobian
 from .losses import Loss
+from .plan import plan_chain
 
 __all__ = ["Trace", "TraceStep", "explain", "operator_nbytes", "plot_jacobians"]
 
@@ -67,7 +68,7 @@ def _dense_nbytes(op: Jacobian) -> int:
 
 def _product_flops(left: Jacobian, right: Jacobian) -> int:
     """The engine's flop estimate for `left @ right` (one product, so order is moot)."""
-    return int(chain_cost([left, right], "reverse")[0])
+    return int(plan_chain([left, right], "reverse").flops)
 
 
 def _block(op: Jacobian, sample: int) -> list:
@@ -317,14 +318,22 @@ def _gradient_trace(net, cache, y, t, loss, sample) -> Trace:
         chain_names.append(f"dy_{index}/dx_{index}")
     chain_ops.append(last[0])
     chain_names.append(last[1])
-    order_flops = {order: int(chain_cost(chain_ops, order)[0])
-                   for order in ("reverse", "forward", "auto")}
+    plans = _plans(chain_ops)
     return Trace(
         mode="gradient", network=[repr(layer) for layer in layers], loss=repr(loss),
         batch=int(y.shape[0]), dtype=np.dtype(y.dtype).name, steps=steps, value=float(value),
-        chain=" @ ".join(chain_names), order_flops=order_flops, order="reverse",
-        plan=_as_lists(chain_cost(chain_ops, "reverse")[1]), sample=sample,
+        chain=" @ ".join(chain_names), order_flops=_order_flops(plans), order="reverse",
+        plan=_as_lists(plans["reverse"].tree), sample=sample,
     )
+
+
+def _plans(ops) -> dict:
+    """The engine's plan of the chain `ops` for every product order, in table order."""
+    return {order: plan_chain(ops, order) for order in ("reverse", "forward", "auto")}
+
+
+def _order_flops(plans) -> dict[str, int]:
+    return {order: int(plan.flops) for order, plan in plans.items()}
 
 
 def _formula(name: str, op: Jacobian) -> str:
@@ -353,9 +362,8 @@ def _jacobian_trace(net, cache, y, sample) -> Trace:
             operator=f"{names[position]} = dy_{index}/dx_{index}", layer=index,
             values=None if sample is None else {"block": _block(op, sample)},
         ))
-    order_flops = {order: int(chain_cost(ops, order)[0])
-                   for order in ("reverse", "forward", "auto")}
-    _, tree = chain_cost(ops, "auto")
+    plans = _plans(ops)
+    tree = plans["auto"].tree
 
     def evaluate(node):
         """(operator, label) of a plan node, recording each product as a step."""
@@ -375,7 +383,8 @@ def _jacobian_trace(net, cache, y, sample) -> Trace:
     return Trace(
         mode="jacobian", network=[repr(layer) for layer in layers], loss=None,
         batch=int(y.shape[0]), dtype=np.dtype(y.dtype).name, steps=steps, value=None,
-        chain=" @ ".join(names), order_flops=order_flops, order="auto", plan=_as_lists(tree),
+        chain=" @ ".join(names), order_flops=_order_flops(plans), order="auto",
+        plan=_as_lists(tree),
         sample=sample,
     )
 

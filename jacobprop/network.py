@@ -25,12 +25,11 @@ from .layers.base import Layer
 from .layers.pooling import Flatten
 from .layers.spatial import SpatialLayer, ravel_images
 from .losses import Loss
-from .plan import _multiply_planned, plan_chain
+from .plan import _multiply_planned, check_order, plan_chain
 
 __all__ = ["Sequential", "SequentialCache"]
 
 _MODES = ("vjp", "jacobian")
-_ORDERS = ("auto", "forward", "reverse")
 
 
 class SequentialCache(NamedTuple):
@@ -282,6 +281,34 @@ class Sequential(Layer):
                 suffix = step if suffix is None else suffix @ step
         return self._collect(reversed(per_layer))
 
+    # ---- hooks of jacobprop.derivatives: layer by layer, never the stack's Jacobian ----
+    # Whole networks are walked leaf by leaf in jacobprop.derivatives; these let a
+    # stack used as a layer (a Residual block) answer the same hooks as any layer.
+    def _input_vjp(self, cache, g):
+        from .derivatives import _block_input_vjp
+
+        return _block_input_vjp(self, cache, g)
+
+    def _per_sample_grads(self, cache, g):
+        from .derivatives import _block_per_sample
+
+        return _block_per_sample(self, cache, g, norms=False)
+
+    def _per_sample_sq_norms(self, cache, g):
+        from .derivatives import _block_per_sample
+
+        return _block_per_sample(self, cache, g, norms=True)
+
+    def _param_jvp(self, cache, tangents):
+        from .derivatives import _block_param_jvp
+
+        return _block_param_jvp(self, cache, tangents)
+
+    def _second_vjp(self, cache, g, v, tangents, need_input=True):
+        from .derivatives import _block_second_vjp
+
+        return _block_second_vjp(self, cache, g, v, tangents, need_input)
+
     def _collect(self, per_layer) -> dict:
         """Merge per-layer dicts into one keyed `"<index>.<name>"`, in layer order."""
         merged = {}
@@ -325,10 +352,7 @@ class Sequential(Layer):
             Its `plan` attribute (`jacobprop.plan.ChainPlan`) holds the order
             chosen, the predicted flops and the predicted peak bytes.
         """
-        if order not in _ORDERS:
-            raise ValueError(
-                f"Sequential.jacobian: `order` must be one of {_ORDERS}, got {order!r}"
-            )
+        check_order(order, where="Sequential.jacobian")
         if max_bytes is not None:
             from .derivatives import jacobian_in_pieces
 
@@ -343,10 +367,7 @@ class Sequential(Layer):
 
     def jacobian_cost(self, x_or_cache, order: str = "auto") -> int:
         """The flop estimate the plan assigns to `jacobian(x, order)`."""
-        if order not in _ORDERS:
-            raise ValueError(
-                f"Sequential.jacobian_cost: `order` must be one of {_ORDERS}, got {order!r}"
-            )
+        check_order(order, where="Sequential.jacobian_cost")
         if isinstance(x_or_cache, SequentialCache):
             cache = x_or_cache
         else:

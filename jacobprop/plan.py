@@ -35,6 +35,14 @@ __all__ = ["ChainPlan", "plan_chain", "chain_cost", "multiply_chain", "product_e
            "ORDERS"]
 
 ORDERS = ("auto", "forward", "reverse")
+
+
+def check_order(order, *, where: str) -> None:
+    """Refuse a product order other than "auto", "forward" or "reverse"."""
+    if order not in ORDERS:
+        raise ValueError(f"{where}: `order` must be one of {ORDERS}, got {order!r}")
+
+
 #: "auto" takes a mixed parenthesization over a fixed order only if it is
 #: predicted to save more than this fraction of the work.
 _MIXED_MARGIN = 0.05
@@ -168,8 +176,7 @@ def plan_chain(ops: list[Jacobian], order: str = "auto", *,
         activations its forward pass keeps, predicted from the shapes as one
         `(B, width)` array per layer input plus the output.
     """
-    if order not in ORDERS:
-        raise ValueError(f"plan_chain: `order` must be one of {ORDERS}, got {order!r}")
+    check_order(order, where="plan_chain")
     if not ops:
         raise ValueError("plan_chain: need at least one operator")
     itemsize = max(np.dtype(op.dtype).itemsize for op in ops)
@@ -202,16 +209,16 @@ def _plan_items(items: tuple, order: str, itemsize: int, forward: bool = False) 
 
 
 def _fixed_tree(items, order):
+    """`(flops, tree)` of the left-deep ("reverse") or right-deep ("forward") sweep."""
     count = len(items)
     indices = list(range(count)) if order == "reverse" else list(range(count - 1, -1, -1))
-    tree, item, total = indices[0], items[indices[0]], 0
+    item, total = items[indices[0]], 0
     for index in indices[1:]:
         pair = (item, items[index]) if order == "reverse" else (items[index], item)
         cls, cost, _ = product_estimate(*pair)
         total += cost
         item = (cls, _product_shape(*pair))
-        tree = (tree, index) if order == "reverse" else (index, tree)
-    return total, tree
+    return total, _fixed_tree_shape(count, order)
 
 
 def _best_tree(items):
@@ -279,10 +286,7 @@ def chain_cost(ops: list[Jacobian], order: str = "auto") -> tuple[int, object]:
 
     The tree is an int (a leaf index) or a pair of trees. See `plan_chain`.
     """
-    if order not in ORDERS:
-        raise ValueError(
-            f"chain_cost: `order` must be 'auto', 'forward' or 'reverse', got {order!r}"
-        )
+    check_order(order, where="chain_cost")
     plan = plan_chain(ops, order)
     return plan.flops, plan.tree
 
@@ -295,10 +299,7 @@ def multiply_chain(ops: list[Jacobian], order: str = "auto", *,
     """
     if not ops:
         raise ValueError("multiply_chain: need at least one operator")
-    if order not in ORDERS:
-        raise ValueError(
-            f"multiply_chain: `order` must be 'auto', 'forward' or 'reverse', got {order!r}"
-        )
+    check_order(order, where="multiply_chain")
     for left, right in zip(ops[:-1], ops[1:], strict=True):
         _check_composable(left, right)
     if plan is None:

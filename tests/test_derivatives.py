@@ -127,13 +127,18 @@ class CouplingLayer(jp.Identity):
         return True
 
 
-def test_every_per_sample_path_refuses_a_network_whose_samples_interact():
-    rng = np.random.default_rng(6)
-    inner = jp.Sequential(jp.Dense(4, 5, rng=rng), CouplingLayer())
-    net = jp.Sequential(jp.Dense(3, 4, rng=rng), inner, jp.Dense(5, 2, rng=rng))
-    x = rng.standard_normal((4, 3))
-    t = rng.standard_normal((4, 2))
-    match = r"layer 1\.1 \(CouplingLayer\(\)\) couples samples"
+@pytest.mark.parametrize("where", ["nested", "residual"])
+def test_every_per_sample_path_refuses_a_network_whose_samples_interact(where):
+    rng = np.random.default_rng(6 if where == "nested" else 170)
+    if where == "nested":
+        inner = jp.Sequential(jp.Dense(4, 5, rng=rng), CouplingLayer())
+        net = jp.Sequential(jp.Dense(3, 4, rng=rng), inner, jp.Dense(5, 2, rng=rng))
+        match = r"layer 1\.1 \(CouplingLayer\(\)\) couples samples"
+    else:
+        net = jp.Sequential(jp.Dense(3, 4, rng=rng), jp.Residual(jp.BatchNorm(4)),
+                            jp.Dense(4, 2, rng=rng))
+        match = r"layer 1 \(Residual\(BatchNorm.*couples samples"
+    x, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
     with pytest.raises(ValueError, match=match):
         net.value_and_grad(x, t, jp.MSE(), per_sample=True)
     with pytest.raises(ValueError, match=match):
@@ -142,6 +147,9 @@ def test_every_per_sample_path_refuses_a_network_whose_samples_interact():
         net.param_jacobian(x)
     with pytest.raises(ValueError, match=match):
         jp.ntk(net, x)
+    if where == "residual":
+        net.eval()  # eval mode is per-sample again
+        assert net.per_sample_grad_norms(x, t, jp.MSE()).shape == (4,)
 
 
 # ---- parameter Jacobian and NTK ---------------------------------------------------------

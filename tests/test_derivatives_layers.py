@@ -251,24 +251,6 @@ def test_per_sample_gradients_through_a_residual_and_eval_batchnorm_sum_to_the_b
                                np.linalg.norm(flat_rows, axis=1), rtol=1e-10)
 
 
-def test_every_per_sample_path_refuses_train_mode_batchnorm():
-    rng = np.random.default_rng(170)
-    net = jp.Sequential(jp.Dense(3, 4, rng=rng), jp.Residual(jp.BatchNorm(4)),
-                        jp.Dense(4, 2, rng=rng))
-    x, t = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
-    match = r"layer 1 \(Residual\(BatchNorm.*couples samples"
-    with pytest.raises(ValueError, match=match):
-        net.value_and_grad(x, t, jp.MSE(), per_sample=True)
-    with pytest.raises(ValueError, match=match):
-        net.per_sample_grad_norms(x, t, jp.MSE())
-    with pytest.raises(ValueError, match=match):
-        net.param_jacobian(x)
-    with pytest.raises(ValueError, match=match):
-        jp.ntk(net, x)
-    net.eval()  # eval mode is per-sample again
-    assert net.per_sample_grad_norms(x, t, jp.MSE()).shape == (4,)
-
-
 # ---- parameter Jacobian and NTK of a CNN ----------------------------------------------------
 def numeric_param_jacobian(net, x, step=1e-6):
     flat = FlatParams(net.params)
@@ -447,6 +429,27 @@ def test_residual_per_sample_hooks_equal_the_parameter_jacobian_default(nested):
         np.testing.assert_allclose(rows[key], default[key], rtol=1e-12, atol=1e-14)
     want = sum((rows[key].reshape(3, -1) ** 2).sum(axis=1) for key in rows)
     np.testing.assert_allclose(layer._per_sample_sq_norms(cache, g), want, rtol=1e-12)
+
+
+def test_sequential_derivative_hooks_equal_the_parameter_jacobian_defaults():
+    # A stack used as a layer answers the hooks leaf by leaf; the Layer defaults
+    # go through its (composed) parameter Jacobians and its full dy/dx.
+    rng = np.random.default_rng(235)
+    net = jp.Sequential(jp.Dense(4, 5, rng=rng), jp.Sequential(jp.Tanh(), jp.Dense(5, 3, rng=rng)),
+                        jp.Softplus())
+    _, cache = net.forward(rng.standard_normal((3, 4)))
+    g = rng.standard_normal((3, 3))
+    np.testing.assert_allclose(net._input_vjp(cache, g), jp.Layer._input_vjp(net, cache, g),
+                               rtol=1e-12, atol=1e-14)
+    rows, default = net._per_sample_grads(cache, g), jp.Layer._per_sample_grads(net, cache, g)
+    assert list(rows) == list(default) == list(net.params)
+    for key in rows:
+        np.testing.assert_allclose(rows[key], default[key], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(net._per_sample_sq_norms(cache, g),
+                               jp.Layer._per_sample_sq_norms(net, cache, g), rtol=1e-12)
+    tangents = {key: rng.standard_normal(p.shape) for key, p in net.params.items()}
+    np.testing.assert_allclose(net._param_jvp(cache, tangents),
+                               jp.Layer._param_jvp(net, cache, tangents), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["Residual", "LayerNorm", "BatchNorm"])

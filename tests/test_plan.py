@@ -204,3 +204,12 @@ def test_single_operator_chain_returns_a_fresh_operator():
     assert result is not op and not hasattr(op, "plan")
     np.testing.assert_array_equal(result.to_dense(), op.to_dense())
     assert chain_cost([op], "auto")[1] == 0
+
+
+@pytest.mark.parametrize("call", [plan_chain, chain_cost, multiply_chain])
+def test_an_unknown_order_is_refused_naming_the_function_and_the_choices(call):
+    ops = [GeneralJacobian(np.ones((2, 3, 3)))]
+    match = (rf"^{call.__name__}: `order` must be one of \('auto', 'forward', 'reverse'\), "
+             r"got 'sideways'$")
+    with pytest.raises(ValueError, match=match):
+        call(ops, "sideways")
