@@ -216,46 +216,21 @@ class Residual(Layer):
         return self.block._call_param_jacobians(cache.block)
 
     # ---- hooks of jacobprop.derivatives: the block's, as y - x = block(x) ----
+    # (a Sequential block answers these layer by layer itself)
     def _input_vjp(self, cache, g):
-        # g + g @ J_block, layer by layer: the default would form the block's Jacobian.
-        from ..derivatives import _block_input_vjp
-        from ..network import Sequential
-
-        if isinstance(self.block, Sequential):
-            return g + _block_input_vjp(self.block, cache.block, g)
         return g + self.block._input_vjp(cache.block, g)
 
     def _per_sample_grads(self, cache, g):
-        from ..derivatives import _block_per_sample
-        from ..network import Sequential
-
-        if isinstance(self.block, Sequential):
-            return _block_per_sample(self.block, cache.block, g, norms=False)
         return self.block._per_sample_grads(cache.block, g)
 
     def _per_sample_sq_norms(self, cache, g):
-        from ..derivatives import _block_per_sample
-        from ..network import Sequential
-
-        if isinstance(self.block, Sequential):
-            return _block_per_sample(self.block, cache.block, g, norms=True)
         return self.block._per_sample_sq_norms(cache.block, g)
 
     def _param_jvp(self, cache, tangents):
-        from ..derivatives import _block_param_jvp
-        from ..network import Sequential
-
-        if isinstance(self.block, Sequential):
-            return _block_param_jvp(self.block, cache.block, tangents)
         return self.block._param_jvp(cache.block, tangents)
 
     def _second_vjp(self, cache, g, v, tangents, need_input=True):
         # The identity path is linear: the whole second-order term is the block's.
-        from ..derivatives import _block_second_vjp
-        from ..network import Sequential
-
-        if isinstance(self.block, Sequential):
-            return _block_second_vjp(self.block, cache.block, g, v, tangents, need_input)
         return self.block._second_vjp(cache.block, g, v, tangents, need_input)
 
 
