@@ -17,7 +17,7 @@ never code. Its entries:
 - `optim/<key>/<name>`: the optimizer state, when saved.
 
 Layer classes are looked up by name in `jp.LAYERS` (and `Sequential`),
-never imported from a name in the file, and rebuilt with `type(**config)`.
+never imported from a name in the file, and rebuilt with `cls.from_config(config)`.
 
 Extra state: a layer with arrays outside `params` overrides
 `Layer.state_arrays() -> dict[str, ndarray]` and `Layer.load_state_arrays(arrays)`
@@ -311,10 +311,7 @@ def _decode_layer(node, nodes, where, at) -> Layer:
     config = {key: _decode_value(value, nodes, where, f"{at}.{key}")
               for key, value in node["config"].items()}
     try:
-        if cls is Sequential:  # its constructor takes the layers positionally
-            layer = Sequential(*config["layers"])
-        else:
-            layer = cls(**config)
+        layer = cls.from_config(config)
     except (TypeError, ValueError, KeyError) as error:
         raise ModelFileError(f"{where}: {at} ({name}) cannot be rebuilt from its config "
                              f"{node['config']!r}: {error}") from None

@@ -192,6 +192,11 @@ class Sequential(Layer):
         for layer, layer_cache in zip(self._layers, cache.caches, strict=True):
             layer.update_state(layer_cache)
 
+    @classmethod
+    def from_config(cls, config: dict) -> Sequential:
+        # The constructor takes the layers positionally.
+        return cls(*config["layers"])
+
     def config(self) -> dict:
         return {"layers": list(self._layers)}
 

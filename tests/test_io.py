@@ -292,3 +292,16 @@ def test_a_file_carrying_a_pickle_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(jp.ModelFileError, match="pickle"):
         jp.load(tmp_path / "member.npz")
     assert not marker.exists()
+
+
+def test_every_layer_rebuilds_from_its_own_config():
+    """`type(layer).from_config(layer.config())` is the rebuild rule jp.load relies on;
+    Sequential passes its layers positionally through its own from_config."""
+    rng = np.random.default_rng(3)
+    net = jp.Sequential(jp.Dense(2, 3, rng=rng), jp.Residual(jp.Sequential(jp.Dense(3, 3, rng=rng),
+                                                                        jp.Tanh())))
+    rebuilt = type(net).from_config(net.config())
+    assert isinstance(rebuilt, jp.Sequential) and len(rebuilt) == 2
+    assert rebuilt[0] is net[0] and rebuilt[1] is net[1]  # the same layer objects, re-stacked
+    dense = jp.Dense.from_config(net[0].config())
+    assert dense.config() == net[0].config() and dense is not net[0]

@@ -127,13 +127,18 @@ class Layer:
         return False
 
     def config(self) -> dict[str, Any]:
-        """The constructor's arguments as JSON values: `type(self)(**config())` rebuilds
+        """The constructor's arguments as JSON values: `type(self).from_config(config())` rebuilds
         the layer (with fresh parameters, which `jp.load` then overwrites).
 
         A value that is itself a Layer (Residual's block, Sequential's layers)
         is serialized recursively by `jp.save`. `rng` is never part of it.
         """
         return {}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Layer:
+        """The layer `config()` describes, with fresh parameters: `cls(**config)`."""
+        return cls(**config)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Arrays the layer keeps outside `params` that a saved model must carry
