@@ -18,7 +18,8 @@ def test_quick_start_and_gradient_checks_run_in_order():
     blocks = python_blocks_outside_the_kit_section()
     assert len(blocks) >= 2, "README lost its Quick start or Checking gradients example"
     namespace: dict = {}
-    for block in blocks:  # later blocks use the names earlier ones define, as a reader would
-        exec(compile(block, str(README), "exec"), namespace)
+    for number, block in enumerate(blocks):  # later blocks use earlier names, as a reader would
+        # A pseudo file name: a block's line numbers are not README.md's.
+        exec(compile(block, f"<README.md: block {number + 1}>", "exec"), namespace)
     assert namespace["J"].to_dense().shape == (8, 3, 4)
     assert namespace["report"].ok

@@ -446,7 +446,9 @@ def run_readme(blocks) -> dict:
     """Run the blocks in one namespace, then every `test_*` function they define."""
     namespace = {"__name__": "readme_example"}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)
+        # A pseudo file name: the block's line numbers are not README.md's, and
+        # hypothesis would otherwise read (and tokenize) the wrong lines of the file.
+        exec(compile(block, "<README.md: Checking your own layer>", "exec"), namespace)
     tests = [value for name, value in namespace.items() if name.startswith("test_")]
     for test in tests:
         test()
