@@ -371,3 +371,19 @@ def test_bench_train_command_runs_and_refuses_bad_options(capsys):
     assert "--seeds: expected one positive integer, got '0'" in capsys.readouterr().err
     assert main(["bench", "train", "--json", "/no/such/folder/train.json"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_fit_trains_batchnorm_running_statistics_through_the_state_rule():
+    rng = np.random.default_rng(21)
+    X = rng.normal(3.0, 2.0, size=(64, 4))  # far from the initial running mean 0, variance 1
+    t = rng.integers(0, 2, size=64)
+    net = jp.Sequential(jp.BatchNorm(4), jp.Dense(4, 2, rng=rng))
+    bn = net[0]
+    net(X)  # a plain forward writes nothing
+    assert np.all(bn.running_mean == 0) and np.all(bn.running_var == 1)
+    jp.fit(net, X, t, jp.SoftmaxCrossEntropy(), optimizer=jp.SGD(0.1), epochs=3,
+           batch_size=16, rng=np.random.default_rng(0), progress=False)
+    # 12 momentum-0.1 updates pull the running statistics most of the way to the data's
+    assert np.all(np.abs(bn.running_mean - X.mean(axis=0)) < 0.4 * np.abs(X.mean(axis=0)))
+    assert np.all(bn.running_var > 1.5)
+    assert net[0].training  # fit gives back the mode it found
