@@ -43,7 +43,7 @@ from .jacobian import (
     SharedJacobian,
     _TransposedJacobian,
 )
-from .losses import Loss
+from .losses import Loss, check_loss
 from .network import Sequential
 from .plan import ChainPlan, _items, _plan_items
 
@@ -107,14 +107,9 @@ def _refuse_coupled(net, what: str) -> None:
         )
 
 
-def _checked_loss(loss, where: str) -> None:
-    if not isinstance(loss, Loss):
-        raise TypeError(f"{where}: `loss` must be a jacobprop Loss, got {type(loss).__name__}")
-
-
 def _check_per_sample(net, loss, where: str) -> None:
     """Per-sample gradients need a loss that sums over samples and samples that never meet."""
-    _checked_loss(loss, where)
+    check_loss(loss, where=where)
     _refuse_coupled(net, where)
     if not loss.separable:
         raise ValueError(f"{where}: {type(loss).__name__} is not a sum of per-sample losses, "
@@ -428,7 +423,7 @@ class Curvature:
 
     def __init__(self, net, x, t, loss: Loss, *, exact: bool):
         where = "hessian" if exact else "ggn"
-        _checked_loss(loss, where)
+        check_loss(loss, where=where)
         self.exact = exact
         self.flat = FlatParams(net.params)
         if self.flat.size == 0:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .jacobian import GeneralJacobian, Jacobian
-from .losses import Loss
+from .losses import Loss, check_loss
 from .plan import plan_chain
 
 __all__ = ["Trace", "TraceStep", "explain", "operator_nbytes", "plot_jacobians"]
@@ -255,8 +255,8 @@ def explain(net, x, t=None, loss: Loss | None = None, *, values: bool = False) -
 
     if not isinstance(net, Sequential):
         raise TypeError(f"explain: `net` must be a jacobprop Sequential, got {type(net).__name__}")
-    if loss is not None and not isinstance(loss, Loss):
-        raise TypeError(f"explain: `loss` must be a jacobprop Loss, got {type(loss).__name__}")
+    if loss is not None:
+        check_loss(loss, where="explain")
     if (loss is None) != (t is None):
         given, missing = ("loss", "t") if t is None else ("t", "loss")
         raise ValueError(f"explain: `{given}` was given without `{missing}`; pass both for a "

@@ -187,6 +187,13 @@ class Loss:
 resolve_dispatch(Loss)
 
 
+def check_loss(loss, *, where: str) -> Loss:
+    """`loss` itself when it is a jacobprop Loss; a TypeError naming `where` otherwise."""
+    if not isinstance(loss, Loss):
+        raise TypeError(f"{where}: `loss` must be a jacobprop Loss, got {type(loss).__name__}")
+    return loss
+
+
 @register_loss
 class MSE(Loss):
     """Mean squared error.

@@ -24,7 +24,7 @@ from .jacobian import DenseCoupledJacobian, GeneralJacobian, Jacobian, _compose
 from .layers.base import Layer
 from .layers.pooling import Flatten
 from .layers.spatial import SpatialLayer, ravel_images
-from .losses import Loss
+from .losses import Loss, check_loss
 from .plan import _multiply_planned, check_order, plan_chain
 
 __all__ = ["Sequential", "SequentialCache"]
@@ -434,9 +434,7 @@ class Sequential(Layer):
             raise ValueError("Sequential.value_and_grad: `dense=True` materializes the "
                              f"Jacobian blocks of mode='jacobian'; it has no effect with "
                              f"mode={mode!r}")
-        if not isinstance(loss, Loss):
-            raise TypeError(f"Sequential.value_and_grad: `loss` must be a jacobprop Loss, "
-                            f"got {type(loss).__name__}")
+        check_loss(loss, where="Sequential.value_and_grad")
         if per_sample:
             if mode != "vjp" or dense:
                 raise ValueError("Sequential.value_and_grad: per_sample=True works with "

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import ShapeError, as_float_array
 from .flat import FlatParams
-from .losses import Loss
+from .losses import Loss, check_loss
 from .network import Sequential
 
 __all__ = ["minimize", "least_squares", "residual_jacobian"]
@@ -53,8 +53,7 @@ def minimize(net: Sequential, X, T, loss: Loss, method: str = "L-BFGS-B", **opti
     from scipy import optimize
 
     problem = _Problem(net, X, "minimize")
-    if not isinstance(loss, Loss):
-        raise TypeError(f"minimize: `loss` must be a jacobprop Loss, got {type(loss).__name__}")
+    check_loss(loss, where="minimize")
     y = net._call_forward(problem.X)[0]
     T = loss._validated_target(y, T)
 

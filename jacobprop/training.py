@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ShapeError, check_positive_int, check_rng
-from .losses import Loss
+from .losses import Loss, check_loss
 from .network import Sequential
 from .optim import Optimizer, _is_nonnegative
 
@@ -318,8 +318,7 @@ def _plan(net, X, T, loss, optimizer, epochs, batch_size, rng, validation, clip_
     if not isinstance(net, Sequential):
         raise TypeError(f"fit: `net` must be a jacobprop Sequential, got {type(net).__name__} "
                         "(wrap a single layer: jp.Sequential(layer))")
-    if not isinstance(loss, Loss):
-        raise TypeError(f"fit: `loss` must be a jacobprop Loss, got {type(loss).__name__}")
+    check_loss(loss, where="fit")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"fit: `optimizer` must be a jacobprop Optimizer (jp.SGD, jp.Adam), "
                         f"got {type(optimizer).__name__}")

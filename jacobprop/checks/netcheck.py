@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import GradcheckError, check_rng
 from ..layers.base import Layer
-from ..losses import Loss
+from ..losses import Loss, check_loss
 from ..network import Sequential
 from .differences import (
     _combine,
@@ -36,7 +36,6 @@ from .tolerance import (
     _as_float64,
     _check_gradient_shapes,
     _check_layer_argument,
-    _check_loss,
     _check_mode,
     _kink_floor,
     _resolve_rtol,
@@ -138,7 +137,7 @@ def _prepare(where, net, x, t, loss, mode, rng) -> _Setup:
     """Validate the arguments of a network check and set up its float64 evaluator."""
     seq = _as_sequential(where, net)
     refuse_stochastic(where, seq)
-    _check_loss(where, loss)
+    check_loss(loss, where=where)
     _check_mode(where, mode)
     rng = check_rng(rng, where=where)
     analytic, y, cache = _analytic(where, seq, x, t, loss, mode)

@@ -43,7 +43,6 @@ import numpy as np
 
 from ..errors import ShapeError
 from ..layers.base import Layer
-from ..losses import Loss
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -108,11 +107,6 @@ def _resolve_rtol(where: str, dtype, rtol, atol, richardson: bool):
 def _check_layer_argument(where: str, name: str, layer) -> None:
     if not isinstance(layer, Layer):
         raise TypeError(f"{where}: `{name}` must be a jacobprop Layer, got {type(layer).__name__}")
-
-
-def _check_loss(where: str, loss) -> None:
-    if not isinstance(loss, Loss):
-        raise TypeError(f"{where}: `loss` must be a jacobprop Loss, got {type(loss).__name__}")
 
 
 def _check_gradient_shapes(where: str, source: str, grads: dict, params: dict) -> None:
