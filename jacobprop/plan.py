@@ -108,31 +108,20 @@ def product_estimate(left, right) -> tuple[type, int, int]:
         return found[0], int(found[1]), 0
     if issubclass(lcls, GeneralJacobian):
         return (GeneralJacobian, int(rcls._rapply_cost(rshape, lshape[1])),
-                _temporary(rcls, "_rapply_temporary", rshape, lshape[1]))
+                rcls._rapply_temporary(rshape, lshape[1]))
     if issubclass(rcls, GeneralJacobian):
         return (GeneralJacobian, int(lcls._apply_cost(lshape, rshape[2])),
-                _temporary(lcls, "_apply_temporary", lshape, rshape[2]))
+                lcls._apply_temporary(lshape, rshape[2]))
     rsize, lsize = _dense_items(rshape), _dense_items(lshape)
     if rsize <= lsize:
         return (GeneralJacobian, int(lcls._apply_cost(lshape, rshape[2]) + rsize),
-                rsize + _temporary(lcls, "_apply_temporary", lshape, rshape[2]))
+                rsize + lcls._apply_temporary(lshape, rshape[2]))
     return (GeneralJacobian, int(rcls._rapply_cost(rshape, lshape[1]) + lsize),
-            lsize + _temporary(rcls, "_rapply_temporary", rshape, lshape[1]))
-
-
-def _temporary(cls, hook: str, shape, k: int) -> int:
-    """Entries a class's `_apply` / `_rapply` allocates besides its result (0 if unstated).
-
-    Optional class methods `_apply_temporary(shape, k)` / `_rapply_temporary(shape, k)`:
-    a convolution's im2col columns can be larger than the product itself.
-    """
-    own = getattr(cls, hook, None)
-    return int(own(shape, k)) if own is not None else 0
+            lsize + rcls._rapply_temporary(rshape, lshape[1]))
 
 
 def _forward_cache_items(cls, shape) -> int:
-    own = getattr(cls, "_forward_items", None)
-    return int(own(shape)) if own is not None else 0
+    return int(cls._forward_items(shape))
 
 
 def _dense_items(shape) -> int:
@@ -155,8 +144,7 @@ def _plan_shape(op) -> tuple:
     `_plan_shape()` as `(B, m, n, *sizes)` and reads the extra sizes in its own
     cost methods. Every other rule reads only the first three entries.
     """
-    own = getattr(op, "_plan_shape", None)
-    return tuple(own()) if own is not None else tuple(op.shape)
+    return tuple(op._plan_shape())
 
 
 def plan_chain(ops: list[Jacobian], order: str = "auto", *,

@@ -293,6 +293,26 @@ class Jacobian:
         batch, m, n = shape
         return batch * m * n
 
+    def _plan_shape(self) -> tuple:
+        """`shape`, followed by any sizes this class's cost methods need beyond it
+        (a convolution's kernel, a pool's window, a low-rank update's rank)."""
+        return tuple(self.shape)
+
+    @classmethod
+    def _apply_temporary(cls, shape, k: int) -> int:
+        """Entries `_apply` allocates besides its result (a convolution's im2col columns)."""
+        return 0
+
+    @classmethod
+    def _rapply_temporary(cls, shape, k: int) -> int:
+        """Entries `_rapply` allocates besides its result."""
+        return 0
+
+    @classmethod
+    def _forward_items(cls, shape) -> int:
+        """Entries the layer that made this operator keeps in its cache for it."""
+        return 0
+
     def _check_vectors(self, array, size: int, name: str, method: str) -> np.ndarray:
         array = array if isinstance(array, np.ndarray) else np.asarray(array)
         if array.shape != (self.batch_size, size):
